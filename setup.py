@@ -1,0 +1,32 @@
+"""Builds the CUDA kernels of ``csrc/`` as ``torchlowbit._C`` (with ninja) where a CUDA toolkit and a
+CUDA build of torch are present; elsewhere installs the pure-Python package.
+
+Set ``TORCHLOWBIT_NO_CUDA=1`` to skip the extension, ``TORCH_CUDA_ARCH_LIST`` to choose the GPU archs.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+
+def _cuda_extensions() -> list:
+    if os.environ.get("TORCHLOWBIT_NO_CUDA") == "1" or torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return []
+    sources = sorted(str(p) for p in Path("csrc").glob("*.c[up]*"))
+    return [
+        cpp_extension.CUDAExtension(
+            name="torchlowbit._C",
+            sources=sources,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        )
+    ]
+
+
+extensions = _cuda_extensions()
+setup(
+    ext_modules=extensions,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)} if extensions else {},
+)

@@ -1,0 +1,1 @@
+"""Quantized modules and tensor-subclass parameters (Linear4bit, Linear8bitLt, ...)."""

@@ -1,0 +1,105 @@
+"""Int8 matmul ops: ``int8_linear_matmul`` (int32 accumulate), ``int8_mm_dequant`` (the scale/bias
+epilogue) and ``int8_scaled_mm`` (both in one op).
+
+Shapes: ``A (..., k)`` int8 rows, ``B (n, k)`` int8 weight, output ``(..., n)``. The epilogue computes
+``A * row_stats * col_stats / 127**2 + bias`` in float32 and casts to ``dtype`` (default float16).
+"""
+
+import math
+
+import torch
+
+from .checks import check_dtype, check_dtype_arg, check_same_device
+from .registry import register_fake, register_reference
+
+_INV_127_SQUARED = 1.0 / (127 * 127)
+
+
+def _check_matmul(A: torch.Tensor, B: torch.Tensor) -> None:
+    check_dtype(A, "A", (torch.int8,))
+    check_dtype(B, "B", (torch.int8,))
+    if B.dim() != 2 or A.dim() == 0 or A.shape[-1] != B.shape[1]:
+        raise ValueError(f"A must be (..., k) and B (n, k), got A {list(A.shape)} and B {list(B.shape)}")
+    check_same_device(A=A, B=B)
+
+
+def _check_dequant(out_shape, row_stats, col_stats, dtype, bias) -> None:
+    """Checks of the epilogue's arguments for an int32 product of shape ``out_shape``."""
+    check_dtype(row_stats, "row_stats", (torch.float32,))
+    check_dtype(col_stats, "col_stats", (torch.float32,))
+    if len(out_shape) == 0:
+        raise ValueError("A must have at least one dimension")
+    cols = out_shape[-1]
+    rows = math.prod(out_shape[:-1])
+    if row_stats.numel() != rows or col_stats.numel() != cols:
+        raise ValueError(
+            f"row_stats must have {rows} and col_stats {cols} elements for a product of shape {list(out_shape)}, "
+            f"got {row_stats.numel()} and {col_stats.numel()}"
+        )
+    if dtype is not None:
+        check_dtype_arg(dtype, "dtype")
+    if bias is not None:
+        check_dtype(bias, "bias")
+        if bias.numel() != cols:
+            raise ValueError(f"bias must have {cols} elements, got {bias.numel()}")
+
+
+def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    out = torch._int_mm(A.reshape(-1, A.shape[-1]).contiguous(), B.t())
+    return out.view(*A.shape[:-1], B.shape[0])
+
+
+def _dequant(A, row_stats, col_stats, dtype, bias) -> torch.Tensor:
+    scales = row_stats.view(-1, 1) * col_stats.view(1, -1)
+    out = A.reshape(-1, A.shape[-1]).float() * scales * _INV_127_SQUARED
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype or torch.float16).view(A.shape)
+
+
+@register_fake("int8_linear_matmul")
+def _(A, B):
+    _check_matmul(A, B)
+    return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
+
+
+@register_reference("int8_linear_matmul")
+def _(A, B):
+    _check_matmul(A, B)
+    return _matmul(A, B)
+
+
+@register_fake("int8_mm_dequant")
+def _(A, row_stats, col_stats, dtype=None, bias=None):
+    _check_mm_dequant(A, row_stats, col_stats, dtype, bias)
+    return torch.empty_like(A, dtype=dtype or torch.float16, memory_format=torch.contiguous_format)
+
+
+@register_reference("int8_mm_dequant")
+def _(A, row_stats, col_stats, dtype=None, bias=None):
+    _check_mm_dequant(A, row_stats, col_stats, dtype, bias)
+    return _dequant(A, row_stats, col_stats, dtype, bias)
+
+
+def _check_mm_dequant(A, row_stats, col_stats, dtype, bias) -> None:
+    check_dtype(A, "A", (torch.int32,))
+    _check_dequant(A.shape, row_stats, col_stats, dtype, bias)
+    check_same_device(A=A, row_stats=row_stats, col_stats=col_stats, bias=bias)
+
+
+def _check_scaled(A, B, row_stats, col_stats, bias, dtype) -> None:
+    _check_matmul(A, B)
+    _check_dequant((*A.shape[:-1], B.shape[0]), row_stats, col_stats, dtype, bias)
+    check_same_device(A=A, row_stats=row_stats, col_stats=col_stats, bias=bias)
+
+
+@register_fake("int8_scaled_mm")
+def _(A, B, row_stats, col_stats, bias=None, dtype=None):
+    _check_scaled(A, B, row_stats, col_stats, bias, dtype)
+    return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=dtype or torch.float16)
+
+
+@register_reference("int8_scaled_mm")
+def _(A, B, row_stats, col_stats, bias=None, dtype=None):
+    _check_scaled(A, B, row_stats, col_stats, bias, dtype)
+    return _dequant(_matmul(A, B), row_stats, col_stats, dtype, bias)

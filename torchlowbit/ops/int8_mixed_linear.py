@@ -1,0 +1,48 @@
+"""``lowbit::int8_mixed_linear``: the whole LLM.int8 matmul with outlier decomposition in one op.
+
+``A (..., k)`` is quantized per row to int8 (outlier columns zeroed) and multiplied with the int8
+weight ``CB (n, k)`` (per-row scales ``SCB``); the outlier columns of ``A`` are multiplied in floating
+point with the dequantized weight columns and added. The output shape depends only on the input
+shapes; which columns were outliers comes back as a ``(k,)`` boolean mask.
+"""
+
+import torch
+
+from .checks import check_dtype, check_same_device
+from .registry import register_fake, register_reference
+
+
+def _check(A, CB, SCB, bias, threshold) -> None:
+    check_dtype(A, "A")
+    check_dtype(CB, "CB", (torch.int8,))
+    check_dtype(SCB, "SCB", (torch.float32,))
+    if CB.dim() != 2 or A.dim() == 0 or A.shape[-1] != CB.shape[1]:
+        raise ValueError(f"A must be (..., k) and CB (n, k), got A {list(A.shape)} and CB {list(CB.shape)}")
+    if SCB.shape != (CB.shape[0],):
+        raise ValueError(f"SCB must have shape ({CB.shape[0]},), one scale per row of CB, got {list(SCB.shape)}")
+    if bias is not None:
+        check_dtype(bias, "bias")
+        if bias.shape != (CB.shape[0],):
+            raise ValueError(f"bias must have shape ({CB.shape[0]},), got {list(bias.shape)}")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
+    check_same_device(A=A, CB=CB, SCB=SCB, bias=bias)
+
+
+@register_fake("int8_mixed_linear")
+def _(A, CB, SCB, bias=None, threshold=0.0):
+    _check(A, CB, SCB, bias, threshold)
+    return A.new_empty((*A.shape[:-1], CB.shape[0])), A.new_empty(A.shape[-1], dtype=torch.bool)
+
+
+@register_reference("int8_mixed_linear")
+def _(A, CB, SCB, bias=None, threshold=0.0):
+    _check(A, CB, SCB, bias, threshold)
+    CA, SCA, outlier_cols = torch.ops.lowbit.int8_vectorwise_quant(A, threshold)
+    out = torch.ops.lowbit.int8_scaled_mm(CA, CB, SCA, SCB, bias, torch.float32)
+    columns = outlier_cols.nonzero().view(-1)
+    if columns.numel():
+        rows = A.reshape(-1, A.shape[-1]).index_select(1, columns).float()
+        weight = CB.index_select(1, columns).float() * (SCB / 127.0)[:, None]
+        out = out + (rows @ weight.T).view(out.shape)
+    return out.to(A.dtype), outlier_cols

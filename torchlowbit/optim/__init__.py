@@ -1,0 +1,1 @@
+"""Optimizers with 8-bit blockwise and 32-bit states."""
