@@ -20,7 +20,7 @@ def _cuda_extensions() -> list:
         cpp_extension.CUDAExtension(
             name="torchlowbit._C",
             sources=sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
     ]
 

@@ -21,7 +21,7 @@ def _jit_build() -> None:
         name="torchlowbit_C",
         sources=sources,
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
         is_python_module=False,
     )
 
