@@ -5,7 +5,6 @@ from typing import Any
 
 import torch
 
-from . import ops
 from .codebooks import (
     create_dynamic_map,
     create_fp8_map,

@@ -4,7 +4,6 @@ Importing this package defines every ``torch.ops.lowbit.*`` op. CUDA tensors run
 ``csrc/`` where the extension is built, and the reference kernels for any op it does not cover.
 """
 
-from . import schemas  # noqa: F401  (defines the ops; must come first)
 from . import (  # noqa: F401  (register fake and reference kernels)
     gemm_4bit,
     int8_matmul,
@@ -13,6 +12,7 @@ from . import (  # noqa: F401  (register fake and reference kernels)
     optimizer_update,
     quantize_4bit,
     quantize_blockwise,
+    schemas,  # noqa: F401  (defines the ops; must come first)
 )
 from .cuda_extension import load as _load_cuda_extension
 from .registry import fill_with_reference

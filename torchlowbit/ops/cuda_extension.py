@@ -38,7 +38,7 @@ def load() -> tuple[bool, str]:
         return True, f"JIT-built from {_CSRC}"
     spec = importlib.util.find_spec("torchlowbit._C")
     if spec is None or spec.origin is None:
-        return False, "not built: reinstall with a CUDA toolkit (nvcc) and a CUDA build of torch, or set TORCHLOWBIT_JIT=1"
+        return False, "not built: reinstall with nvcc and a CUDA build of torch, or set TORCHLOWBIT_JIT=1"
     try:
         torch.ops.load_library(spec.origin)
     except OSError as error:

@@ -2,8 +2,6 @@
 
 import math
 
-import torch
-
 from .checks import check_dtype, check_same_device
 from .quantize_4bit import check_packed, decode, decode_absmax
 from .registry import register_fake, register_reference

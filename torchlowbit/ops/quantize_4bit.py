@@ -10,8 +10,8 @@ import torch
 
 from .. import codebooks
 from . import blockwise
-from .quantize_blockwise import decode as decode_blockwise
 from .checks import check_blocksize, check_code, check_dtype, check_dtype_arg, check_numel, check_same_device
+from .quantize_blockwise import decode as decode_blockwise
 from .registry import register_fake, register_reference
 
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
@@ -24,7 +24,7 @@ def check_quant_type(quant_type: str) -> None:
 
 def packed_count(numel: int, quant_storage: torch.dtype) -> int:
     """Number of ``quant_storage`` elements that hold ``numel`` packed 4-bit codes."""
-    return -(-(-(-numel // 2)) // quant_storage.itemsize)
+    return blockwise.num_blocks(blockwise.num_blocks(numel, 2), quant_storage.itemsize)
 
 
 def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype) -> None:
