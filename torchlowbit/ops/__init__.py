@@ -4,7 +4,8 @@ Importing this package defines every ``torch.ops.lowbit.*`` op. CUDA tensors run
 ``csrc/`` where the extension is built, and the reference kernels for any op it does not cover.
 """
 
-from . import (  # noqa: F401  (register fake and reference kernels)
+# Each op module registers the fake and reference kernels of its ops (the schemas come in via registry).
+from . import (  # noqa: F401
     gemm_4bit,
     int8_matmul,
     int8_mixed_linear,
@@ -12,7 +13,7 @@ from . import (  # noqa: F401  (register fake and reference kernels)
     optimizer_update,
     quantize_4bit,
     quantize_blockwise,
-    schemas,  # noqa: F401  (defines the ops; must come first)
+    schemas,
 )
 from .cuda_extension import load as _load_cuda_extension
 from .registry import fill_with_reference
