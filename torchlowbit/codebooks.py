@@ -91,44 +91,46 @@ def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool =
 def create_fp8_map(
     signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
 ) -> torch.Tensor:
-    """A minifloat map with ``exponent_bits`` exponent and ``precision_bits`` mantissa bits, normalized to 1."""
-    has_sign = 1 if signed else 0
-    if exponent_bits + precision_bits > total_bits - has_sign:
+    """A minifloat map with ``exponent_bits`` exponent and ``precision_bits`` mantissa bits, normalized to max 1.
+
+    As in the original library, the exponent of a normal value ``e`` is ``bias + 1 - e`` and subnormals
+    scale by ``2**-bias``; the signed map holds both +0 and -0.
+    """
+    if exponent_bits + precision_bits != total_bits - int(signed):
         raise ValueError(
-            f"exponent_bits + precision_bits must be <= {total_bits - has_sign}, "
-            f"got {exponent_bits} + {precision_bits}"
+            f"exponent_bits + precision_bits must equal total_bits - {int(signed)} (the sign bit), "
+            f"got {exponent_bits} + {precision_bits} with total_bits={total_bits}"
         )
     bias = 2 ** (exponent_bits - 1)
     values = []
     for evalue in range(2**exponent_bits):
         for bits in itertools.product((0, 1), repeat=precision_bits):
-            mantissa = sum(b * 2 ** -(j + 1) for j, b in enumerate(bits))
-            if evalue == 0:  # subnormals
-                value = mantissa * 2 ** -(bias)
-            else:
-                value = (1 + mantissa) * 2 ** (evalue - bias - 1)
-            values.append(value)
-            if signed:
-                values.append(-value)
-    code = torch.tensor(values + [0.0] * (256 - len(values)), dtype=torch.float32)
-    code = code.sort().values
+            mantissa = sum(bit * 2 ** -(j + 1) for j, bit in enumerate(bits))
+            value = mantissa * 2**-bias if evalue == 0 else (1 + mantissa) * 2 ** -(evalue - bias - 1)
+            values += [value, -value] if signed else [value]
+    code = torch.tensor(sorted(values + [0.0] * (256 - len(values))), dtype=torch.float32)
     return code / code.max()
 
 
 def estimate_quantiles(
     A: torch.Tensor, out: torch.Tensor | None = None, offset: float = 1 / 512, num_quantiles: int = 256
 ) -> torch.Tensor:
-    """Equally spaced quantiles of ``A`` (float32), the midpoints of ``num_quantiles`` equal-mass bins."""
-    if not 2 <= num_quantiles <= 256:
-        raise ValueError(f"num_quantiles must be in [2, 256], got {num_quantiles}")
+    """``num_quantiles`` equally spaced quantiles of ``A`` (float32), from ``offset`` to ``1 - offset``.
+
+    Exact order statistics: quantile ``t`` of 256 is the sorted value at ``round((offset + t * step) * (n - 1))``.
+    With fewer quantiles, the offset defaults to ``1 / (2 * num_quantiles)`` and every ``256 / num_quantiles``-th is kept.
+    """
+    if not 1 <= num_quantiles <= 256:
+        raise ValueError(f"num_quantiles must be in [1, 256], got {num_quantiles}")
     if A.numel() == 0:
         raise ValueError("A must not be empty")
     if offset == 1 / 512 and num_quantiles < 256:
         offset = 1 / (2 * num_quantiles)
-    probs = torch.linspace(offset, 1 - offset, num_quantiles, dtype=torch.float64, device=A.device)
-    result = torch.quantile(A.detach().flatten().double(), probs).float()
+    positions = offset + torch.arange(256, dtype=torch.float64) * ((1 - 2 * offset) / 255)
+    index = torch.round(positions * (A.numel() - 1)).long().to(A.device)
+    result = A.detach().flatten().float().sort().values[index]
     if num_quantiles < 256:
-        result = torch.cat([result, torch.zeros(256 - num_quantiles, device=A.device)])
+        result = result[torch.linspace(0, 255, num_quantiles).long().to(A.device)]
     if out is not None:
         return out.copy_(result)
     return result

@@ -386,10 +386,10 @@ def int8_double_quant(
     """Row-wise and column-wise int8 quantization of 2-d ``A``: ``(out_row, out_col, row_stats, col_stats, cols)``."""
     rows = A.reshape(-1, A.shape[-1])
     quant_row, stats_row, outlier_cols = int8_vectorwise_quant(rows, threshold)
-    quant_col, stats_col, _ = torch.ops.lowbit.int8_vectorwise_quant(rows.t(), threshold)
+    # Column-wise, only the outlier entries themselves are left out (zeroed), not whole rows or columns.
+    inliers = rows.masked_fill(rows.abs() >= threshold, 0) if threshold > 0 else rows
+    quant_col, stats_col, _ = torch.ops.lowbit.int8_vectorwise_quant(inliers.t(), 0.0)
     quant_col = quant_col.t()
-    if outlier_cols is not None:
-        quant_col = quant_col.index_fill(1, outlier_cols, 0)
     return (
         _into(out_row, quant_row.view(A.shape)),
         _into(out_col, quant_col.reshape(A.shape)),

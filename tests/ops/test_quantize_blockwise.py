@@ -26,6 +26,21 @@ def test_dynamic_map_facts():
     assert unsigned.unique().numel() == 256
 
 
+def _bits(values: torch.Tensor) -> list[str]:
+    return [f"{v & 0xFFFFFFFF:08x}" for v in values.view(torch.int32).tolist()]
+
+
+def test_dynamic_maps_are_bit_identical_to_the_original_library():
+    # Float32 bit patterns of the original library's maps (torch.linspace on an AVX2/AVX-512 CPU).
+    signed, unsigned = create_dynamic_map(), create_dynamic_map(signed=False)
+    assert _bits(signed[[0, 1, 20, 64, 126, 127, 128, 200, 255]]) == [
+        "bf7e3333", "bf7a999a", "bf363334", "bdc9eb85", "b513a3b7", "00000000", "3513a3b7", "3e6f3333", "3f800000",
+    ]  # fmt: skip
+    assert _bits(unsigned[[0, 1, 31, 64, 200, 255]]) == [
+        "00000000", "34ae7baa", "3a958106", "3c466667", "3f1de666", "3f800000",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 def test_codes_are_the_nearest_entries(device, blocksize):
     A = torch.randn(2 * blocksize + 11, device=device) * 10

@@ -50,8 +50,7 @@ def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _dequant(A, row_stats, col_stats, dtype, bias) -> torch.Tensor:
-    scales = row_stats.view(-1, 1) * col_stats.view(1, -1)
-    out = A.reshape(-1, A.shape[-1]).float() * scales * _INV_127_SQUARED
+    out = A.reshape(-1, A.shape[-1]).float() * row_stats.view(-1, 1) * col_stats.view(1, -1) * _INV_127_SQUARED
     if bias is not None:
         out = out + bias.float()
     return out.to(dtype or torch.float16).view(A.shape)
