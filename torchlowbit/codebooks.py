@@ -118,7 +118,7 @@ def estimate_quantiles(
     """``num_quantiles`` equally spaced quantiles of ``A`` (float32), from ``offset`` to ``1 - offset``.
 
     Exact order statistics: quantile ``t`` of 256 is the sorted value at ``round((offset + t * step) * (n - 1))``.
-    With fewer quantiles, the offset defaults to ``1 / (2 * num_quantiles)`` and every ``256 / num_quantiles``-th is kept.
+    With fewer quantiles the offset defaults to ``1 / (2 * num_quantiles)`` and a spread subset is kept.
     """
     if not 1 <= num_quantiles <= 256:
         raise ValueError(f"num_quantiles must be in [1, 256], got {num_quantiles}")
