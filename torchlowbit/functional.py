@@ -139,7 +139,7 @@ class QuantState:
             "blocksize": self.blocksize,
             "quant_map": self.code,
             "dtype": _dtype_name(self.dtype),
-            "shape": tuple(self.shape),
+            "shape": None if self.shape is None else tuple(self.shape),
         }
         if self.nested:
             qs_dict.update(
@@ -151,7 +151,7 @@ class QuantState:
                     "nested_offset": self.offset.item(),
                 }
             )
-        if not packed:
+        if not packed or self.quant_type is None:
             return qs_dict
         tensors = {k: v for k, v in qs_dict.items() if isinstance(v, torch.Tensor)}
         others = {k: v for k, v in qs_dict.items() if not isinstance(v, torch.Tensor)}
@@ -187,7 +187,7 @@ class QuantState:
 def _tensors_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is b
-    return a.shape == b.shape and torch.allclose(a.cpu(), b.cpu(), atol=1e-6)
+    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a.cpu(), b.cpu(), atol=1e-6)
 
 
 def _pack_dict(d: dict[str, Any]) -> torch.Tensor:
@@ -219,7 +219,8 @@ def quantize_blockwise(
     nested: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
     """8-bit blockwise quantization into ``code`` (default: the signed dynamic map)."""
-    code = _dynamic_map(A.device) if code is None else code.to(A.device)
+    # the state owns a copy of its code, so editing one state never touches the shared default map
+    code = (_dynamic_map(A.device) if code is None else code).to(A.device, copy=True)
     quantized, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = block_absmax.mean()

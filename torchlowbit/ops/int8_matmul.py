@@ -44,8 +44,23 @@ def _check_dequant(out_shape, row_stats, col_stats, dtype, bias) -> None:
             raise ValueError(f"bias must have {cols} elements, got {bias.numel()}")
 
 
+def _int_mm_accepts(rows: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``torch._int_mm`` handles these shapes (CUDA: k and n multiples of 8; CPU: k > 1)."""
+    k, n = B.shape[1], B.shape[0]
+    if rows.is_cuda:
+        return k % 8 == 0 and n % 8 == 0 and k > 0 and n > 0
+    return k > 1 and n > 0
+
+
 def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    out = torch._int_mm(A.reshape(-1, A.shape[-1]).contiguous(), B.t())
+    rows = A.reshape(-1, A.shape[-1])
+    if rows.shape[0] and _int_mm_accepts(rows, B):
+        # CUDA's _int_mm needs more than 16 rows: pad with zero rows and drop them after.
+        padded = torch.nn.functional.pad(rows, (0, 0, 0, max(0, 17 - rows.shape[0]))) if rows.is_cuda else rows
+        out = torch._int_mm(padded.contiguous(), B.t())[: rows.shape[0]]
+    else:
+        # exact: every partial sum is below k * 128 * 128, far under 2**53
+        out = (rows.double() @ B.double().t()).to(torch.int32)
     return out.view(*A.shape[:-1], B.shape[0])
 
 

@@ -96,9 +96,11 @@ def _encode(normalized: torch.Tensor, quant_type: str) -> torch.Tensor:
     return blockwise.nearest(normalized.abs(), magnitudes) | ((normalized < 0).long() << 3)
 
 
-def _pack(codes: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+def _pack(codes: torch.Tensor, quant_type: str, quant_storage: torch.dtype) -> torch.Tensor:
     count = packed_count(codes.numel(), quant_storage)
-    padded = torch.nn.functional.pad(codes, (0, 2 * count * quant_storage.itemsize - codes.numel()))
+    # Padding holds the code of 0.0, as the original library writes for an odd element count.
+    zero_code = codebooks.get_4bit_code(quant_type).tolist().index(0.0)
+    padded = torch.nn.functional.pad(codes, (0, 2 * count * quant_storage.itemsize - codes.numel()), value=zero_code)
     pairs = padded.view(-1, 2).to(torch.uint8)
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
     return packed.view(quant_storage).view(count, 1)
@@ -116,7 +118,7 @@ def _(A, blocksize, quant_type, quant_storage):
     _check_quantize(A, blocksize, quant_type, quant_storage)
     normalized, absmax = blockwise.normalize(blockwise.blocks(A, blocksize))
     codes = _encode(normalized, quant_type).view(-1)[: A.numel()]
-    return _pack(codes, quant_storage), absmax
+    return _pack(codes, quant_type, quant_storage), absmax
 
 
 @register_fake("dequantize_4bit")
