@@ -692,3 +692,16 @@ def test_mixed_linear_bad_input():
         ops.int8_mixed_linear(A, CB, SCB.to("meta"))
     with pytest.raises(ValueError, match=r"bias on meta"):
         ops.int8_mixed_linear(A, CB, SCB, torch.ones(3, dtype=torch.float16, device="meta"))
+
+
+def test_int8_mixed_linear_gradients(device):
+    W = torch.randn(48, 64, device=device)
+    CB, SCB, _ = torch.ops.lowbit.int8_vectorwise_quant(W)
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+    bias = torch.randn(48, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.lowbit.int8_mixed_linear.default, (x, CB, SCB, bias, 2.0))
+    out, _ = torch.ops.lowbit.int8_mixed_linear(x, CB, SCB, bias, 2.0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ (CB.float() * SCB[:, None] / 127))
+    torch.testing.assert_close(bias.grad, grad.sum((0, 1)))

@@ -309,3 +309,23 @@ def test_shapes_of_design_state_dict():
     packed, absmax = _quantize(torch.randn(200, 300), 64, "nf4", torch.bfloat16)
     assert packed.shape == (15000, 1) and packed.dtype == torch.bfloat16
     assert absmax.shape == (math.ceil(60000 / 64),)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_gemm_4bit_gradients(device, nested):
+    W = torch.randn(48, 64, device=device)
+    packed, absmax = _quantize(W)
+    nested_args = ()
+    if nested:
+        absmax, nested_absmax, code, offset = _nested(absmax)
+        nested_args = (nested_absmax, code, offset, 256)
+    x = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    bias = torch.randn(48, device=device, requires_grad=True)
+    args = (x, packed, absmax, 64, "nf4", [48, 64], bias, *nested_args)
+    torch.library.opcheck(torch.ops.lowbit.gemm_4bit.default, args)
+    out = torch.ops.lowbit.gemm_4bit(*args)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    weight = torch.ops.lowbit.dequantize_4bit(packed, absmax, 64, "nf4", [48, 64], torch.float32, *nested_args)
+    torch.testing.assert_close(x.grad, grad @ weight)
+    torch.testing.assert_close(bias.grad, grad.sum((0, 1)))

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from .checks import check_dtype, check_same_device
 from .quantize_4bit import check_packed, decode, decode_absmax
 from .registry import register_fake, register_reference
@@ -39,3 +41,29 @@ def _(A, B, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None,
     if bias is not None:
         out = out + bias.float()
     return out.to(A.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = inputs
+    ctx.save_for_backward(B, absmax, nested_absmax, nested_code)
+    ctx.weight_args = (blocksize, quant_type, shape)
+    ctx.nested_args = (nested_offset, nested_blocksize)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """Gradients for A (``grad @ W``) and bias (summed ``grad``); the quantized weight is frozen."""
+    B, absmax, nested_absmax, nested_code = ctx.saved_tensors
+    blocksize, quant_type, shape = ctx.weight_args
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.ops.lowbit.dequantize_4bit(
+            B, absmax, blocksize, quant_type, shape, grad.dtype, nested_absmax, nested_code, *ctx.nested_args
+        )
+        grad_A = grad @ weight
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::gemm_4bit", _backward, setup_context=_setup_context)

@@ -46,3 +46,23 @@ def _(A, CB, SCB, bias=None, threshold=0.0):
         weight = CB.index_select(1, columns).float() * (SCB / 127.0)[:, None]
         out = out + (rows @ weight.T).view(out.shape)
     return out.to(A.dtype), outlier_cols
+
+
+def _setup_context(ctx, inputs, output):
+    A, CB, SCB, bias, threshold = inputs
+    ctx.save_for_backward(CB, SCB)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad, _grad_mask):
+    """Gradients for A (``grad @ dequantize(CB)``) and bias; the int8 weight is frozen."""
+    CB, SCB = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_A = grad @ (CB.float() * (SCB / 127.0)[:, None]).to(grad.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, CB.shape[0]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, grad_bias, None
+
+
+torch.library.register_autograd("lowbit::int8_mixed_linear", _backward, setup_context=_setup_context)
