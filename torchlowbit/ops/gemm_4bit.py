@@ -44,10 +44,10 @@ def _(A, B, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None,
 
 
 def _setup_context(ctx, inputs, output):
-    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = inputs
+    _, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, *nested_args = inputs
     ctx.save_for_backward(B, absmax, nested_absmax, nested_code)
     ctx.weight_args = (blocksize, quant_type, shape)
-    ctx.nested_args = (nested_offset, nested_blocksize)
+    ctx.nested_args = nested_args
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
