@@ -1,0 +1,144 @@
+"""``Linear4bit`` (and ``LinearNF4``, ``LinearFP4``): a linear layer over a frozen 4-bit weight."""
+
+import warnings
+
+import torch
+from torch import nn
+
+from .params4bit import Params4bit
+
+_SLOW_COMPUTE_DTYPE = (
+    "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 (default). "
+    "This will lead to slow {}."
+)
+
+
+def _warn_once(message: str) -> None:
+    """Warn, then silence the same message (the original library's warn-once behaviour)."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.filterwarnings("ignore", message=message.replace(".", r"\."))
+
+
+class Linear4bit(nn.Linear):
+    """``y = x @ dequantize(W).T + b`` with ``W`` stored as NF4/FP4 codes (blockwise absmax, blocksize 64)."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data, requires_grad=False, compress_statistics=compress_statistics, quant_type=quant_type,
+            quant_storage=quant_storage,
+        )  # fmt: skip
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+
+    def _check_weight(self) -> Params4bit:
+        weight = self.weight
+        if not isinstance(weight, Params4bit):
+            raise TypeError(f"{type(self).__name__}.weight must be a Params4bit, got {type(weight).__name__}")
+        if weight.logical_shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{type(self).__name__}.weight stands for shape {list(weight.logical_shape)}, "
+                f"expected {[self.out_features, self.in_features]}"
+            )
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._check_weight()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
+        compute_dtype = self.compute_dtype or x.dtype
+        if x.dtype == torch.float16 and compute_dtype == torch.float32 and not torch.compiler.is_compiling():
+            batch_one = x.numel() == x.shape[-1]
+            _warn_once(_SLOW_COMPUTE_DTYPE.format("inference" if batch_one else "inference or training speed"))
+        out = torch.ops.lowbit.gemm_4bit(
+            x.to(compute_dtype), weight.packed, weight.absmax, weight.blocksize, weight.quant_type,
+            list(weight.logical_shape), self.bias, *weight.nested_args(),
+        )  # fmt: skip
+        return out.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = self._check_weight()
+        entries = {"weight": weight.packed}
+        entries.update({f"weight.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()})
+        for key, value in entries.items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "weight"
+        stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
+        ours = {key, *(f"{key}.{name}" for name in stats)}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key not in state_dict:
+            return  # super() reported it missing
+        missing_keys.remove(key)
+        try:
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            self._load_weight(state_dict[key], stats, assign)
+        except (ValueError, TypeError, KeyError) as error:
+            error_msgs.append(f"While loading {key} into {type(self).__name__}: {error}")
+
+    def _load_weight(self, data: torch.Tensor, stats: dict[str, torch.Tensor], assign: bool) -> None:
+        """Replace the weight by a checkpoint's (packed with its quant state, or float to be quantized).
+
+        A weight on the meta device (or ``assign=True``) takes the checkpoint's tensors and device.
+        """
+        current = self._check_weight()
+        assign = assign or current.is_meta
+        if not stats:
+            if assign:
+                self.weight = Params4bit(data, compress_statistics=current.compress_statistics,
+                                         quant_type=current.quant_type, quant_storage=current.quant_storage,
+                                         blocksize=current.blocksize)  # fmt: skip
+            else:
+                current.copy_(data)
+            return
+        device = data.device if assign else current.device
+        loaded = Params4bit.from_prequantized(data, stats, device=device)
+        for what, have, got in (
+            ("quant_type", current.quant_type, loaded.quant_type),
+            ("shape", current.logical_shape, loaded.logical_shape),
+            ("blocksize", current.blocksize, loaded.blocksize),
+        ):
+            if have != got:
+                raise ValueError(f"checkpoint {what} {got!r} does not match the module's {have!r}")
+        if loaded.quant_storage != current.quant_storage:
+            packed = loaded.packed.contiguous().view(torch.uint8).view(current.quant_storage).view(-1, 1)
+            loaded = Params4bit(packed, quant_state=loaded.quant_state)
+        if loaded.compress_statistics == current.compress_statistics and not assign:
+            current.copy_(loaded)
+        else:
+            self.weight = loaded
+
+
+class LinearFP4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="fp4"``."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None, compress_statistics=True,
+                 quant_storage=torch.uint8, device=None) -> None:  # fmt: skip
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device
+        )
+
+
+class LinearNF4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="nf4"``."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None, compress_statistics=True,
+                 quant_storage=torch.uint8, device=None) -> None:  # fmt: skip
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, device
+        )

@@ -1,0 +1,306 @@
+"""``Params4bit``: a packed NF4/FP4 weight that carries its quantization state.
+
+A traceable wrapper tensor subclass: its inner tensors are the packed codes and the (possibly
+double-quantized) absmax; everything else is plain metadata. The outer tensor looks like the
+bitsandbytes parameter, packed bytes of shape ``(count, 1)`` in ``quant_storage``; ``logical_shape``
+and ``dtype_`` describe the weight it stands for. Moving it moves every inner tensor, casting it never
+touches the packed bytes, and copying a float tensor into it quantizes that tensor.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional as F
+from ..ops.quantize_4bit import QUANT_STORAGE_DTYPES, check_quant_type, packed_count
+
+aten = torch.ops.aten
+_NESTED_BLOCKSIZE = 256
+_INNER = ("packed", "absmax", "nested_absmax", "nested_code")
+
+
+@dataclass(frozen=True)
+class _Meta4bit:
+    """Metadata of a quantized weight; hashable so that traced graphs can specialize on it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    nested_offset: float | None  # None: absmax is plain float32 (no double quantization)
+    nested_blocksize: int = _NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_offset is not None
+
+
+def _from_quant_state(packed: torch.Tensor, quant_state: F.QuantState) -> tuple[dict, _Meta4bit]:
+    inner = {"packed": packed, "absmax": quant_state.absmax}
+    offset = None
+    if quant_state.nested:
+        inner["nested_absmax"] = quant_state.state2.absmax
+        inner["nested_code"] = quant_state.state2.code
+        offset = float(quant_state.offset)
+    nested_blocksize = quant_state.state2.blocksize if quant_state.nested else _NESTED_BLOCKSIZE
+    meta = _Meta4bit(
+        tuple(quant_state.shape), quant_state.dtype, quant_state.blocksize, quant_state.quant_type, offset,
+        nested_blocksize,
+    )  # fmt: skip
+    return inner, meta
+
+
+def _quantize(data: torch.Tensor, blocksize: int, compress_statistics: bool, quant_type: str,
+              quant_storage: torch.dtype) -> tuple[dict, _Meta4bit]:  # fmt: skip
+    """Quantize a float weight; on the meta device, only the shapes of the state are made."""
+    if data.device.type != "meta":
+        packed, state = F.quantize_4bit(
+            data, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type,
+            quant_storage=quant_storage,
+        )  # fmt: skip
+        return _from_quant_state(packed, state)
+    packed, absmax = torch.ops.lowbit.quantize_4bit(data, blocksize, quant_type, quant_storage)
+    inner = {"packed": packed, "absmax": absmax}
+    offset = None
+    if compress_statistics:
+        inner["absmax"] = torch.empty_like(absmax, dtype=torch.uint8)
+        blocks = math.ceil(absmax.numel() / _NESTED_BLOCKSIZE)
+        inner["nested_absmax"] = absmax.new_empty(blocks)
+        inner["nested_code"] = absmax.new_empty(256)
+        offset = 0.0
+    return inner, _Meta4bit(tuple(data.shape), data.dtype, blocksize, quant_type, offset)
+
+
+class Params4bit(torch.Tensor):
+    """A frozen 4-bit weight (NF4 or FP4, blockwise absmax, optional double quantization).
+
+    ``Params4bit(data=float_weight, ...)`` quantizes ``data`` on its device at construction (on the meta
+    device it only records shapes); ``quant_state`` is given with already packed ``data``.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    meta: _Meta4bit
+
+    @staticmethod
+    def __new__(
+        cls,
+        data: torch.Tensor | None = None,
+        requires_grad: bool = False,
+        quant_state: F.QuantState | None = None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        module: torch.nn.Module | None = None,
+        **kwargs,
+    ) -> "Params4bit":
+        if requires_grad:
+            raise ValueError("requires_grad must be False: Params4bit holds frozen quantized weights")
+        if data is None:
+            data = torch.empty(0)
+        if isinstance(data, Params4bit):
+            return data.detach()
+        if quant_state is not None:
+            inner, meta = _from_quant_state(data, quant_state)
+        else:
+            check_quant_type(quant_type)
+            if quant_storage not in QUANT_STORAGE_DTYPES:
+                raise TypeError(f"quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {quant_storage}")
+            inner, meta = _quantize(data.detach(), blocksize, compress_statistics, quant_type, quant_storage)
+        return cls._make(inner, meta)
+
+    @classmethod
+    def _make(cls, inner: dict[str, torch.Tensor | None], meta: _Meta4bit) -> "Params4bit":
+        packed = inner["packed"]
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, packed.shape, strides=packed.stride(), dtype=packed.dtype, device=packed.device, requires_grad=False
+        )
+        for name in _INNER:
+            setattr(self, name, inner.get(name))
+        self.meta = meta
+        self._is_param = True  # an nn.Parameter for module registration, as the bitsandbytes class is
+        return self
+
+    # --- the bitsandbytes attributes -------------------------------------------------------------------------
+
+    @property
+    def quant_state(self) -> F.QuantState:
+        """A ``functional.QuantState`` view of this weight's state (a fresh object on each access)."""
+        meta = self.meta
+        state2 = None
+        if meta.nested:
+            state2 = F.QuantState(
+                absmax=self.nested_absmax, code=self.nested_code, blocksize=meta.nested_blocksize, dtype=torch.float32
+            )
+        return F.QuantState(
+            absmax=self.absmax, shape=meta.shape, code=F.get_4bit_type(meta.quant_type, device=self.device),
+            blocksize=meta.blocksize, quant_type=meta.quant_type, dtype=meta.dtype, offset=meta.nested_offset,
+            state2=state2,
+        )  # fmt: skip
+
+    @property
+    def blocksize(self) -> int:
+        return self.meta.blocksize
+
+    @property
+    def quant_type(self) -> str:
+        return self.meta.quant_type
+
+    @property
+    def compress_statistics(self) -> bool:
+        return self.meta.nested
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.packed.dtype
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape of the weight these codes stand for, e.g. ``(out_features, in_features)``."""
+        return self.meta.shape
+
+    @property
+    def bnb_quantized(self) -> bool:
+        return True
+
+    @classmethod
+    def from_prequantized(
+        cls,
+        data: torch.Tensor,
+        quantized_stats: dict[str, torch.Tensor],
+        requires_grad: bool = False,
+        device: torch.device | str = "cuda",
+        **kwargs,
+    ) -> "Params4bit":
+        """Rebuild a weight from packed ``data`` and the ``weight.*`` entries of a bitsandbytes state dict."""
+        quant_state = F.QuantState.from_dict(qs_dict=quantized_stats, device=device)
+        _check_packed_matches(data, quant_state)
+        return cls(data.to(device), requires_grad=requires_grad, quant_state=quant_state)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight of ``logical_shape`` in the original dtype."""
+        return torch.ops.lowbit.dequantize_4bit(
+            self.packed, self.absmax, self.blocksize, self.quant_type, list(self.logical_shape), self.meta.dtype,
+            *self.nested_args(),
+        )  # fmt: skip
+
+    def nested_args(self) -> tuple:
+        """The (nested_absmax, nested_code, nested_offset, nested_blocksize) arguments of the 4-bit ops."""
+        meta = self.meta
+        offset = meta.nested_offset if meta.nested else 0.0
+        return self.nested_absmax, self.nested_code, offset, meta.nested_blocksize
+
+    def __repr__(self) -> str:
+        meta = self.meta
+        return (
+            f"Params4bit(shape={list(meta.shape)}, quant_type={meta.quant_type!r}, blocksize={meta.blocksize}, "
+            f"nested={meta.nested}, quant_storage={self.quant_storage}, dtype={meta.dtype}, device={self.device})"
+        )
+
+    # --- the subclass protocol -------------------------------------------------------------------------------
+
+    def __tensor_flatten__(self) -> tuple[list[str], _Meta4bit]:
+        return [name for name in _INNER if getattr(self, name) is not None], self.meta
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict, meta: _Meta4bit, outer_size, outer_stride) -> "Params4bit":
+        return cls._make(inner, meta)
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, ({name: getattr(self, name) for name in _INNER}, self.meta)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"Params4bit does not support {func}; use weight.dequantize() for a float tensor"
+            )
+        return handler(*args, **kwargs)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def _rebuild(inner: dict, meta: _Meta4bit) -> Params4bit:
+    return Params4bit._make(inner, meta)
+
+
+def _check_packed_matches(packed: torch.Tensor, quant_state: F.QuantState) -> None:
+    expected = packed_count(math.prod(quant_state.shape), packed.dtype)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"packed weight has {packed.numel()} elements of {packed.dtype}, but the quant state's shape "
+            f"{list(quant_state.shape)} needs {expected}"
+        )
+
+
+def _map_inner(weight: Params4bit, fn) -> Params4bit:
+    inner = {name: None if getattr(weight, name) is None else fn(getattr(weight, name)) for name in _INNER}
+    return Params4bit._make(inner, weight.meta)
+
+
+def _to_copy(weight: Params4bit, *, dtype=None, device=None, non_blocking=False, **_) -> Params4bit:
+    # The dtype is ignored on purpose: .half()/.float() must never reinterpret or convert packed codes.
+    return _map_inner(weight, lambda t: t.to(device=device, non_blocking=non_blocking))
+
+
+def _copy_(dest: Params4bit, src: torch.Tensor, non_blocking: bool = False) -> Params4bit:
+    """Copy another quantized weight's state, or quantize a float tensor of the logical shape, in place."""
+    if isinstance(src, Params4bit):
+        if _layout(src) != _layout(dest):
+            raise ValueError(f"cannot copy {src!r} into {dest!r}: quant_type, shape, blocksize or nesting differ")
+        source = src
+    elif src.is_floating_point() and tuple(src.shape) == dest.meta.shape:
+        inner, meta = _quantize(
+            src.to(dest.device), dest.meta.blocksize, dest.meta.nested, dest.meta.quant_type, dest.quant_storage
+        )
+        source = Params4bit._make(inner, meta)
+    else:
+        raise ValueError(
+            f"cannot copy a {src.dtype} tensor of shape {list(src.shape)} into {dest!r}: give a float tensor of "
+            f"shape {list(dest.meta.shape)} (it is quantized) or another Params4bit"
+        )
+    for name in _INNER:
+        if getattr(dest, name) is not None:
+            getattr(dest, name).copy_(getattr(source, name), non_blocking=non_blocking)
+    dest.meta = source.meta
+    return dest
+
+
+def _layout(weight: Params4bit) -> tuple:
+    """What must agree for one weight's state to be copied into another's tensors."""
+    meta = weight.meta
+    return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, weight.quant_storage
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not (isinstance(a, Params4bit) and isinstance(b, Params4bit)) or a.meta != b.meta:
+        return False
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in ((getattr(a, n), getattr(b, n)) for n in _INNER)
+    )
+
+
+def _empty_like(weight: Params4bit, *, dtype=None, device=None, **_) -> Params4bit:
+    return _map_inner(weight, lambda t: torch.empty_like(t, device=device))
+
+
+_HANDLERS = {
+    aten.detach.default: lambda w: _map_inner(w, torch.Tensor.detach),
+    aten.clone.default: lambda w, memory_format=None: _map_inner(w, torch.Tensor.clone),
+    aten.alias.default: lambda w: _map_inner(w, lambda t: t),
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten.equal.default: _equal,
+    aten.empty_like.default: _empty_like,
+    aten.is_pinned.default: lambda w, device=None: w.packed.is_pinned(),
+    aten._pin_memory.default: lambda w, device=None: _map_inner(w, torch.Tensor.pin_memory),
+}
+
+torch.serialization.add_safe_globals([_rebuild, _Meta4bit, Params4bit])
