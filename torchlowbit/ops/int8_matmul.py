@@ -57,7 +57,7 @@ def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] and _int_mm_accepts(rows, B):
         # CUDA's _int_mm needs more than 16 rows: pad with zero rows and drop them after.
         padded = torch.nn.functional.pad(rows, (0, 0, 0, max(0, 17 - rows.shape[0]))) if rows.is_cuda else rows
-        out = torch._int_mm(padded.contiguous(), B.t())[: rows.shape[0]]
+        out = torch._int_mm(padded.contiguous(), B.contiguous().t())[: rows.shape[0]]
     else:
         # exact: every partial sum is below k * 128 * 128, far under 2**53
         out = (rows.double() @ B.double().t()).to(torch.int32)
