@@ -576,10 +576,10 @@ def test_int8_mixed_linear_output_shape_depends_only_on_input_shapes(device, thr
         out, mask = ops.int8_mixed_linear(A, CB, SCB, None, threshold)
         shapes.add((tuple(out.shape), tuple(mask.shape)))
     assert shapes == {((2, 7, 12), (32,))}
+    real = (base.cpu(), CB.cpu(), SCB.cpu())  # made outside the mode: under it, .cpu() would be traced too
     with FakeTensorMode() as mode:
-        fake = mode.from_tensor(base.cpu())
-        fake_out, fake_mask = ops.int8_mixed_linear(fake, mode.from_tensor(CB.cpu()), mode.from_tensor(SCB.cpu()),
-                                                    None, threshold)  # fmt: skip
+        fake_A, fake_CB, fake_SCB = (mode.from_tensor(t) for t in real)
+        fake_out, fake_mask = ops.int8_mixed_linear(fake_A, fake_CB, fake_SCB, None, threshold)
         assert fake_out.shape == (2, 7, 12) and fake_out.dtype == torch.float16
         assert fake_mask.shape == (32,) and fake_mask.dtype == torch.bool
 
