@@ -1,10 +1,8 @@
 """``Params4bit``: a packed NF4/FP4 weight that carries its quantization state.
 
-A traceable wrapper tensor subclass: its inner tensors are the packed codes and the (possibly
-double-quantized) absmax; everything else is plain metadata. The outer tensor looks like the
-bitsandbytes parameter, packed bytes of shape ``(count, 1)`` in ``quant_storage``; ``logical_shape``
-and ``dtype_`` describe the weight it stands for. Moving it moves every inner tensor, casting it never
-touches the packed bytes, and copying a float tensor into it quantizes that tensor.
+Its inner tensors are the packed codes and the (possibly double-quantized) absmax. The outer tensor
+looks like the bitsandbytes parameter, packed bytes of shape ``(count, 1)`` in ``quant_storage``;
+``logical_shape`` and ``meta.dtype`` describe the weight it stands for.
 """
 
 import math
@@ -14,10 +12,9 @@ import torch
 
 from .. import functional as F
 from ..ops.quantize_4bit import QUANT_STORAGE_DTYPES, check_quant_type, packed_count
+from .quantized_parameter import QuantizedParameter
 
-aten = torch.ops.aten
 _NESTED_BLOCKSIZE = 256
-_INNER = ("packed", "absmax", "nested_absmax", "nested_code")
 
 
 @dataclass(frozen=True)
@@ -72,13 +69,14 @@ def _quantize(data: torch.Tensor, blocksize: int, compress_statistics: bool, qua
     return inner, _Meta4bit(tuple(data.shape), data.dtype, blocksize, quant_type, offset)
 
 
-class Params4bit(torch.Tensor):
+class Params4bit(QuantizedParameter):
     """A frozen 4-bit weight (NF4 or FP4, blockwise absmax, optional double quantization).
 
     ``Params4bit(data=float_weight, ...)`` quantizes ``data`` on its device at construction (on the meta
     device it only records shapes); ``quant_state`` is given with already packed ``data``.
     """
 
+    inner_names = ("packed", "absmax", "nested_absmax", "nested_code")
     packed: torch.Tensor
     absmax: torch.Tensor
     nested_absmax: torch.Tensor | None
@@ -112,18 +110,6 @@ class Params4bit(torch.Tensor):
                 raise TypeError(f"quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {quant_storage}")
             inner, meta = _quantize(data.detach(), blocksize, compress_statistics, quant_type, quant_storage)
         return cls._make(inner, meta)
-
-    @classmethod
-    def _make(cls, inner: dict[str, torch.Tensor | None], meta: _Meta4bit) -> "Params4bit":
-        packed = inner["packed"]
-        self = torch.Tensor._make_wrapper_subclass(
-            cls, packed.shape, strides=packed.stride(), dtype=packed.dtype, device=packed.device, requires_grad=False
-        )
-        for name in _INNER:
-            setattr(self, name, inner.get(name))
-        self.meta = meta
-        self._is_param = True  # an nn.Parameter for module registration, as the bitsandbytes class is
-        return self
 
     # --- the bitsandbytes attributes -------------------------------------------------------------------------
 
@@ -201,33 +187,21 @@ class Params4bit(torch.Tensor):
             f"nested={meta.nested}, quant_storage={self.quant_storage}, dtype={meta.dtype}, device={self.device})"
         )
 
-    # --- the subclass protocol -------------------------------------------------------------------------------
-
-    def __tensor_flatten__(self) -> tuple[list[str], _Meta4bit]:
-        return [name for name in _INNER if getattr(self, name) is not None], self.meta
-
-    @classmethod
-    def __tensor_unflatten__(cls, inner: dict, meta: _Meta4bit, outer_size, outer_stride) -> "Params4bit":
-        return cls._make(inner, meta)
-
-    def __reduce_ex__(self, protocol):
-        return _rebuild, ({name: getattr(self, name) for name in _INNER}, self.meta)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
-        if handler is None:
-            raise NotImplementedError(
-                f"Params4bit does not support {func}; use weight.dequantize() for a float tensor"
+    def _quantized_like(self, src: torch.Tensor) -> "Params4bit":
+        if not src.is_floating_point() or tuple(src.shape) != self.meta.shape:
+            raise ValueError(
+                f"cannot copy a {src.dtype} tensor of shape {list(src.shape)} into {self!r}: give a float tensor "
+                f"of shape {list(self.meta.shape)} (it is quantized) or another Params4bit"
             )
-        return handler(*args, **kwargs)
+        meta = self.meta
+        inner, new_meta = _quantize(
+            src.to(self.device), meta.blocksize, meta.nested, meta.quant_type, self.quant_storage
+        )
+        return self._make(inner, new_meta)
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-
-def _rebuild(inner: dict, meta: _Meta4bit) -> Params4bit:
-    return Params4bit._make(inner, meta)
+    def _layout(self) -> tuple:
+        meta = self.meta
+        return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, self.quant_storage
 
 
 def _check_packed_matches(packed: torch.Tensor, quant_state: F.QuantState) -> None:
@@ -239,68 +213,4 @@ def _check_packed_matches(packed: torch.Tensor, quant_state: F.QuantState) -> No
         )
 
 
-def _map_inner(weight: Params4bit, fn) -> Params4bit:
-    inner = {name: None if getattr(weight, name) is None else fn(getattr(weight, name)) for name in _INNER}
-    return Params4bit._make(inner, weight.meta)
-
-
-def _to_copy(weight: Params4bit, *, dtype=None, device=None, non_blocking=False, **_) -> Params4bit:
-    # The dtype is ignored on purpose: .half()/.float() must never reinterpret or convert packed codes.
-    return _map_inner(weight, lambda t: t.to(device=device, non_blocking=non_blocking))
-
-
-def _copy_(dest: Params4bit, src: torch.Tensor, non_blocking: bool = False) -> Params4bit:
-    """Copy another quantized weight's state, or quantize a float tensor of the logical shape, in place."""
-    if isinstance(src, Params4bit):
-        if _layout(src) != _layout(dest):
-            raise ValueError(f"cannot copy {src!r} into {dest!r}: quant_type, shape, blocksize or nesting differ")
-        source = src
-    elif src.is_floating_point() and tuple(src.shape) == dest.meta.shape:
-        inner, meta = _quantize(
-            src.to(dest.device), dest.meta.blocksize, dest.meta.nested, dest.meta.quant_type, dest.quant_storage
-        )
-        source = Params4bit._make(inner, meta)
-    else:
-        raise ValueError(
-            f"cannot copy a {src.dtype} tensor of shape {list(src.shape)} into {dest!r}: give a float tensor of "
-            f"shape {list(dest.meta.shape)} (it is quantized) or another Params4bit"
-        )
-    for name in _INNER:
-        if getattr(dest, name) is not None:
-            getattr(dest, name).copy_(getattr(source, name), non_blocking=non_blocking)
-    dest.meta = source.meta
-    return dest
-
-
-def _layout(weight: Params4bit) -> tuple:
-    """What must agree for one weight's state to be copied into another's tensors."""
-    meta = weight.meta
-    return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, weight.quant_storage
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not (isinstance(a, Params4bit) and isinstance(b, Params4bit)) or a.meta != b.meta:
-        return False
-    return all(
-        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-        for x, y in ((getattr(a, n), getattr(b, n)) for n in _INNER)
-    )
-
-
-def _empty_like(weight: Params4bit, *, dtype=None, device=None, **_) -> Params4bit:
-    return _map_inner(weight, lambda t: torch.empty_like(t, device=device))
-
-
-_HANDLERS = {
-    aten.detach.default: lambda w: _map_inner(w, torch.Tensor.detach),
-    aten.clone.default: lambda w, memory_format=None: _map_inner(w, torch.Tensor.clone),
-    aten.alias.default: lambda w: _map_inner(w, lambda t: t),
-    aten._to_copy.default: _to_copy,
-    aten.copy_.default: _copy_,
-    aten.equal.default: _equal,
-    aten.empty_like.default: _empty_like,
-    aten.is_pinned.default: lambda w, device=None: w.packed.is_pinned(),
-    aten._pin_memory.default: lambda w, device=None: _map_inner(w, torch.Tensor.pin_memory),
-}
-
-torch.serialization.add_safe_globals([_rebuild, _Meta4bit, Params4bit])
+torch.serialization.add_safe_globals([_Meta4bit, Params4bit])
