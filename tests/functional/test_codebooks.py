@@ -3,7 +3,6 @@
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -319,11 +318,11 @@ def _original_single_chunk_quantiles(A: torch.Tensor, offset=1 / 512, num_quanti
         offset = 1 / (2 * num_quantiles)
     n = A.numel()
     ordered = A.float().sort().values
-    off = np.float32(offset)
-    step = np.float32((np.float32(1) - np.float32(2) * off) / np.float32(255))
+    off = torch.tensor(offset, dtype=torch.float32)
+    step = (1 - 2 * off) / 255
     out = []
     for t in range(256):
-        position = np.float32((off + np.float32(t) * step) * np.float32(n - 1))
+        position = ((off + t * step) * (n - 1)).item()  # float32 arithmetic
         out.append(ordered[int(math.floor(position + 0.5))].item())
     result = torch.tensor(out)
     if num_quantiles < 256:
