@@ -1,0 +1,160 @@
+"""``Linear8bitLt``: LLM.int8 linear layer (int8 matmul with 16-bit outlier columns)."""
+
+import torch
+from torch import nn
+
+from .int8params import Int8Params
+
+
+class MatmulLtState:
+    """The bitsandbytes ``state`` of a ``Linear8bitLt``: settings, plus views of its weight's int8 tensors."""
+
+    CxB = None  # legacy tiled layouts are not used
+
+    def __init__(self, module: "Linear8bitLt", threshold: float, has_fp16_weights: bool,
+                 memory_efficient_backward: bool) -> None:  # fmt: skip
+        self._module = module
+        self.threshold = threshold
+        self.has_fp16_weights = has_fp16_weights
+        self.memory_efficient_backward = memory_efficient_backward
+        self.force_no_igemmlt = False
+        self._outliers: torch.Tensor | None = None
+
+    @property
+    def CB(self) -> torch.Tensor | None:
+        weight = self._module.weight
+        return weight.CB if isinstance(weight, Int8Params) else None
+
+    @property
+    def SCB(self) -> torch.Tensor | None:
+        weight = self._module.weight
+        return weight.SCB if isinstance(weight, Int8Params) else None
+
+    @property
+    def idx(self) -> torch.Tensor | None:
+        """Indices of the outlier input columns of the last eager forward (threshold > 0), else None."""
+        return None if self._outliers is None else self._outliers.nonzero().view(-1)
+
+
+class _TrainableInt8Linear(torch.autograd.Function):
+    """LLM.int8 forward of a float weight quantized on the fly; 16-bit gradients for input and weight."""
+
+    @staticmethod
+    def forward(x, weight, bias, threshold):
+        CB, SCB, _ = torch.ops.lowbit.int8_vectorwise_quant(weight.detach(), 0.0)
+        return torch.ops.lowbit.int8_mixed_linear(x, CB, SCB, bias, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_outliers):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype))
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class Linear8bitLt(nn.Linear):
+    """``y = x @ W.T + b`` with LLM.int8: int8 rows times the int8 weight, outlier columns in 16-bit.
+
+    ``has_fp16_weights=False`` stores ``W`` as an ``Int8Params`` (inference, input gradients still flow);
+    ``True`` keeps a trainable float ``W`` that is quantized in each forward. ``threshold > 0`` turns on
+    outlier decomposition; ``state.force_no_igemmlt = True`` uses dequantize + 16-bit matmul instead.
+    """
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        has_fp16_weights: bool = True,
+        memory_efficient_backward: bool = False,
+        threshold: float = 0.0,
+        index=None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(input_features, output_features, bias, device)
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
+        self.state = MatmulLtState(self, threshold, has_fp16_weights, memory_efficient_backward)
+        self.index = index
+        self.weight = Int8Params(self.weight.data, requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
+        weight, state = self.weight, self.state
+        if isinstance(weight, Int8Params):
+            if state.force_no_igemmlt:
+                return nn.functional.linear(x, weight.dequantize().to(x.dtype), _cast(self.bias, x.dtype))
+            out, outliers = torch.ops.lowbit.int8_mixed_linear(x, weight.CB, weight.SCB, self.bias, state.threshold)
+        elif weight.is_floating_point():
+            out, outliers = _TrainableInt8Linear.apply(x, weight, self.bias, state.threshold)
+        else:
+            raise TypeError(f"Linear8bitLt.weight must be an Int8Params or a float Parameter, got {weight.dtype}")
+        if state.threshold > 0 and not torch.compiler.is_compiling():
+            state._outliers = outliers
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = self.weight
+        if isinstance(weight, Int8Params):
+            destination[prefix + "weight"] = weight.CB if keep_vars else weight.CB.detach()
+            destination[prefix + "SCB"] = weight.SCB if keep_vars else weight.SCB.detach()
+            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key, scb_key, format_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"
+        ours = {key, scb_key, format_key}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key not in state_dict:
+            return  # super() reported it missing
+        missing_keys.remove(key)
+        try:
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            self._load_weight(state_dict[key], state_dict.get(scb_key), state_dict.get(format_key), assign)
+        except (ValueError, TypeError) as error:
+            error_msgs.append(f"While loading {key} into Linear8bitLt: {error}")
+
+    def _load_weight(self, data, SCB, weight_format, assign: bool) -> None:
+        """Take a checkpoint's weight: int8 with its SCB, or float (quantized unless the weights are fp16)."""
+        if weight_format is not None and int(weight_format) != 0:
+            raise ValueError(f"weight_format must be 0 (row-major; tiled layouts are gone), got {int(weight_format)}")
+        expected = (self.out_features, self.in_features)
+        if tuple(data.shape) != expected:
+            raise ValueError(f"checkpoint weight has shape {list(data.shape)}, expected {list(expected)}")
+        current = self.weight
+        if SCB is not None:
+            if self.state.has_fp16_weights:
+                raise ValueError("cannot load an int8 checkpoint (with SCB) into a layer with has_fp16_weights=True")
+            dtype = current.meta.dtype if isinstance(current, Int8Params) else torch.float16
+            loaded = Int8Params.from_quantized(data, SCB, dtype=dtype)
+        elif not data.is_floating_point():
+            raise ValueError(f"checkpoint weight is {data.dtype} without an SCB entry: its row scales are missing")
+        else:
+            loaded = data if self.state.has_fp16_weights else Int8Params(data, has_fp16_weights=False)
+        if assign or current.is_meta:
+            requires_grad = self.state.has_fp16_weights
+            self.weight = loaded if isinstance(loaded, Int8Params) else nn.Parameter(loaded, requires_grad)
+        else:
+            with torch.no_grad():
+                current.copy_(loaded)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
