@@ -1,0 +1,62 @@
+"""``GlobalOptimManager``: per-parameter optimizer overrides (e.g. 32-bit state for embeddings)."""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class GlobalOptimManager:
+    """The process-wide registry of optimizer config overrides; get it with ``get_instance()``."""
+
+    _instance: "GlobalOptimManager | None" = None
+
+    def __init__(self) -> None:
+        raise RuntimeError("GlobalOptimManager is a singleton: call GlobalOptimManager.get_instance()")
+
+    def initialize(self) -> None:
+        """Forget every override."""
+        self.pid2config: dict[int, dict[str, Any]] = {}
+        self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
+        self.optimizer = None
+        self.uses_config_override = False
+        self.module_weight_config_triple: list[tuple[nn.Module, str, dict[str, Any]]] = []
+
+    @classmethod
+    def get_instance(cls) -> "GlobalOptimManager":
+        if cls._instance is None:
+            cls._instance = cls.__new__(cls)
+            cls._instance.initialize()
+        return cls._instance
+
+    def register_parameters(self, params) -> None:
+        """Map overrides given by parameter identity to (group index, parameter index) positions."""
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group_index, group in enumerate(groups):
+            for param_index, p in enumerate(group["params"]):
+                if id(p) in self.pid2config:
+                    self.index2config[(group_index, param_index)] = self.pid2config[id(p)]
+
+    def override_config(
+        self,
+        parameters: torch.Tensor | list[torch.Tensor],
+        key: str | None = None,
+        value: Any = None,
+        key_value_dict: dict[str, Any] | None = None,
+    ) -> None:
+        """Override optimizer hyperparameters (e.g. ``optim_bits=32``) for ``parameters``."""
+        if key is not None and key_value_dict is not None:
+            raise ValueError("give either key and value, or key_value_dict, not both")
+        if key is not None:
+            key_value_dict = {key: value}
+        if key_value_dict is None:
+            raise ValueError("override_config needs key and value, or key_value_dict")
+        self.uses_config_override = True
+        for p in [parameters] if isinstance(parameters, torch.Tensor) else parameters:
+            self.pid2config.setdefault(id(p), {}).update(key_value_dict)
+
+    def register_module_override(self, module: nn.Module, param_name: str, config: dict[str, Any]) -> None:
+        """Override the config of ``module.<param_name>`` whatever tensor it holds when the optimizer starts."""
+        self.module_weight_config_triple.append((module, param_name, config))
