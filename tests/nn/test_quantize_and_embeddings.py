@@ -32,8 +32,8 @@ def test_quantize_swaps_every_linear_but_the_skipped(device, quant_type, expecte
     for layer in (quantized.attn, quantized.mlp[0], quantized.mlp[2]):
         assert type(layer) is expected and layer.weight.device.type == device
     assert quantized.mlp[2].bias is None
-    error = (quantized(x) - reference).abs().max() / reference.abs().max()
-    assert error < {"nf4": 0.2, "fp4": 0.3, "int8": 0.02}[quant_type]  # three stacked layers
+    error = (quantized(x) - reference).norm() / reference.norm()
+    assert error < {"nf4": 0.15, "fp4": 0.2, "int8": 0.02}[quant_type]  # three stacked layers
 
 
 def test_quantize_on_meta_then_load(device):
