@@ -39,7 +39,9 @@ __global__ void __launch_bounds__(kDequantThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, int64_t n, int log2_block, int fp4,
                            const float* __restrict__ absmax, const uint8_t* __restrict__ absmax_q,
                            const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                           float nested_offset, int log2_nested, OutT* __restrict__ out, int64_t ntiles) {
+                           const float* __restrict__ nested_offset_ptr, int log2_nested, OutT* __restrict__ out,
+                           int64_t ntiles) {
+  const float nested_offset = NESTED ? __ldg(nested_offset_ptr) : 0.0f;
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = fp4 ? kFP4Code[threadIdx.x] : kNF4Code[threadIdx.x];
   __syncthreads();
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 template <typename OutT, bool NESTED>
 void launch_dequantize_4bit(const uint8_t* packed, int64_t n, int log2_block, int fp4, const float* absmax,
                             const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
-                            float nested_offset, int log2_nested, OutT* out) {
+                            const float* nested_offset, int log2_nested, OutT* out) {
   const int64_t ntiles = ceil_div(n, kDequantTile);
   const int grid = persistent_grid<dequantize_4bit_kernel<OutT, NESTED>>(
       kDequantThreads, ceil_div(ntiles, kDequantThreads / 32));
@@ -148,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                                 c10::string_view quant_type, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
                                 const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code, double nested_offset,
-                                int64_t nested_blocksize) {
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
   const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
   check_dtype(A, "A", kStorageDtypes);
   const int log2_block = log2_blocksize(blocksize);
@@ -169,14 +171,20 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
   check_same_device(A, "A", absmax, "absmax");
   if (nested_absmax.has_value()) check_same_device(A, "A", *nested_absmax, "nested_absmax");
   if (nested_code.has_value()) check_same_device(A, "A", *nested_code, "nested_code");
-  TORCH_CHECK_VALUE(nested_absmax.has_value() == nested_code.has_value(),
-                    "nested_absmax and nested_code must be given together (double quantization) or not at all");
+  if (nested_offset.has_value()) check_same_device(A, "A", *nested_offset, "nested_offset");
+  TORCH_CHECK_VALUE(nested_absmax.has_value() == nested_code.has_value() &&
+                        nested_absmax.has_value() == nested_offset.has_value(),
+                    "nested_absmax, nested_code and nested_offset must be given together (double quantization) "
+                    "or not at all");
   const bool nested = nested_absmax.has_value();
   int log2_nested = 0;
   if (nested) {
     check_dtype(absmax, "absmax", {at::kByte});
     check_dtype(*nested_absmax, "nested_absmax", {at::kFloat});
     check_code(*nested_code, "nested_code");
+    check_dtype(*nested_offset, "nested_offset", {at::kFloat});
+    TORCH_CHECK_VALUE(nested_offset->numel() == 1, "nested_offset must have 1 element, got ",
+                      num(nested_offset->numel()));
     log2_nested = log2_blocksize(nested_blocksize, "nested_blocksize");
     const int64_t nested_blocks = ceil_div(absmax.numel(), nested_blocksize);
     TORCH_CHECK_VALUE(nested_absmax->numel() == nested_blocks, "nested_absmax must have ", num(nested_blocks),
@@ -198,12 +206,12 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
     nabs = nested_absmax->contiguous();
     ncode = nested_code->contiguous();
   }
+  const float* offset = nested ? nested_offset->data_ptr<float>() : nullptr;
   const uint8_t* p = reinterpret_cast<const uint8_t*>(packed.data_ptr());
   const float* am_f = nested ? nullptr : am.data_ptr<float>();
   const uint8_t* am_q = nested ? am.data_ptr<uint8_t>() : nullptr;
   const float* nabs_p = nested ? nabs.data_ptr<float>() : nullptr;
   const float* ncode_p = nested ? ncode.data_ptr<float>() : nullptr;
-  const float offset = static_cast<float>(nested_offset);  // the reference adds it as a float32 scalar
 
   dispatch_float(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);

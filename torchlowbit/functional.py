@@ -48,8 +48,8 @@ class QuantState:
     """The state needed to dequantize a blockwise-quantized tensor (4-bit or 8-bit).
 
     ``offset`` and ``state2`` are set for double quantization (``nested``): then ``absmax`` holds uint8
-    codes of ``absmax - offset`` quantized by ``state2``. ``offset`` is a float32 0-d tensor kept on the
-    CPU, so reading it never waits for a GPU.
+    codes of ``absmax - offset`` quantized by ``state2``; ``offset`` is a float32 0-d tensor on the
+    state's device.
     """
 
     valid_quant_types = ("fp4", "nf4")
@@ -76,7 +76,7 @@ class QuantState:
         self.dtype = dtype
         self.blocksize = blocksize
         self.quant_type = quant_type
-        self.offset = None if offset is None else torch.as_tensor(offset, dtype=torch.float32).detach().cpu()
+        self.offset = None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=absmax.device)
         self.state2 = state2
         self.nested = state2 is not None
 
@@ -159,10 +159,11 @@ class QuantState:
         return tensors
 
     def to(self, device: torch.device | str) -> "QuantState":
-        """Move the tensors to ``device`` in place (``offset`` stays on the CPU); returns self."""
+        """Move the tensors to ``device`` in place; returns self."""
         self.code = self.code.to(device)
         self.absmax = self.absmax.to(device)
         if self.nested:
+            self.offset = self.offset.to(device)
             self.state2.absmax = self.state2.absmax.to(device)
             self.state2.code = self.state2.code.to(device)
         return self
@@ -248,7 +249,7 @@ def dequantize_blockwise(
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
     block_absmax = quant_state.absmax
     if quant_state.nested:
-        block_absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset.item()
+        block_absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
     dtype = out.dtype if out is not None else quant_state.dtype
     result = torch.ops.lowbit.dequantize_blockwise(
         A, block_absmax.float(), quant_state.code.to(A.device), quant_state.blocksize, dtype
@@ -303,9 +304,9 @@ def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=F
 def _nested_args(quant_state: QuantState) -> tuple:
     """The (absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) arguments of the 4-bit ops."""
     if not quant_state.nested:
-        return quant_state.absmax, None, None, 0.0, _NESTED_BLOCKSIZE
+        return quant_state.absmax, None, None, None, _NESTED_BLOCKSIZE
     state2 = quant_state.state2
-    return quant_state.absmax, state2.absmax, state2.code, quant_state.offset.item(), state2.blocksize
+    return quant_state.absmax, state2.absmax, state2.code, quant_state.offset, state2.blocksize
 
 
 def dequantize_4bit(

@@ -158,7 +158,7 @@ def _packed_inputs(shape, blocksize, storage, nested, seed):
     code = codebooks.create_dynamic_map()
     qabsmax = torch.randint(0, 256, (nblocks,), dtype=torch.uint8, generator=g)
     nested_absmax = torch.rand(-(-nblocks // 256), generator=g) + 0.5
-    offset = 0.123456789123  # not a float32: the reference adds it as a float32 scalar
+    offset = torch.tensor([0.123456789123])  # float32, as every op takes it
     return packed, qabsmax, dict(nested_absmax=nested_absmax, nested_code=code, nested_offset=offset)
 
 
@@ -391,12 +391,13 @@ def test_argument_errors_on_cuda():
 def test_cuda_graph_capture():
     A = torch.randn(1000, 301, device="cuda", dtype=torch.bfloat16)
     code = codebooks.create_dynamic_map().cuda()
+    offset = torch.zeros(1, device="cuda")
 
     def run():
         packed, absmax = torch.ops.lowbit.quantize_4bit(A, 64, "nf4", torch.uint8)
         qabsmax, nested_absmax = torch.ops.lowbit.quantize_blockwise(absmax, code, 256)
         out4 = torch.ops.lowbit.dequantize_4bit(
-            packed, qabsmax, 64, "nf4", A.shape, torch.bfloat16, nested_absmax, code, 0.0, 256
+            packed, qabsmax, 64, "nf4", A.shape, torch.bfloat16, nested_absmax, code, offset, 256
         )
         q8, absmax8 = torch.ops.lowbit.quantize_blockwise(A, code, 4096, seed=3)
         out8 = torch.ops.lowbit.dequantize_blockwise(q8, absmax8, code, 4096, torch.float16)

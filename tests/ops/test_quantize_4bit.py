@@ -34,7 +34,7 @@ def _codes(packed, numel):
 
 def _nested(absmax):
     """Double quantization as DESIGN.md states it: offset = mean; 8-bit blockwise (256) with the dynamic map."""
-    offset = absmax.mean().item()
+    offset = absmax.mean().reshape(1)
     code = create_dynamic_map().to(absmax.device)
     qabsmax, nested_absmax = torch.ops.lowbit.quantize_blockwise(absmax - offset, code, 256)
     return qabsmax, nested_absmax, code, offset
@@ -128,12 +128,13 @@ def test_double_quantization_follows_design(device):
     assert qabsmax.dtype == torch.uint8 and qabsmax.shape == (938,)
     assert nested_absmax.shape == (4,) and nested_absmax.dtype == torch.float32
     centered = (absmax - offset).cpu()
+    offset = offset.cpu()
     blocks = torch.nn.functional.pad(centered, (0, -938 % 256)).view(-1, 256)
     assert torch.equal(nested_absmax.cpu(), blocks.abs().amax(1))
     decoded = code.cpu()[qabsmax.cpu().long()] * nested_absmax.cpu().repeat_interleave(256)[:938] + offset
     plain = torch.ops.lowbit.dequantize_4bit(packed, decoded.to(device), 64, "nf4", [200, 300], torch.float32)
     nested = torch.ops.lowbit.dequantize_4bit(
-        packed, qabsmax, 64, "nf4", [200, 300], torch.float32, nested_absmax, code, offset, 256
+        packed, qabsmax, 64, "nf4", [200, 300], torch.float32, nested_absmax, code, offset.to(device), 256
     )
     assert torch.equal(plain, nested)
     assert (nested - A).abs().max() <= 0.16 * A.abs().max()
@@ -273,7 +274,7 @@ def test_gemm_4bit_keeps_leading_dimensions(device):
                 _quantize(A)[0], _quantize(A)[1].to(torch.uint8), 64, "nf4", [10, 10], torch.float32, torch.ones(1)
             ),
             ValueError,
-            "nested_absmax and nested_code must be given together",
+            "nested_absmax, nested_code and nested_offset must be given together",
         ),
         (
             lambda A: torch.ops.lowbit.gemm_4bit(torch.randn(2, 7), *_quantize(A), 64, "nf4", [10, 10]),

@@ -1,11 +1,13 @@
 """``Linear4bit`` (and ``LinearNF4``, ``LinearFP4``): a linear layer over a frozen 4-bit weight."""
 
+import re
 import warnings
 
 import torch
 from torch import nn
 
 from .params4bit import Params4bit
+from .weight_loading import LoadsQuantizedWeight
 
 _SLOW_COMPUTE_DTYPE = (
     "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 (default). "
@@ -16,10 +18,10 @@ _SLOW_COMPUTE_DTYPE = (
 def _warn_once(message: str) -> None:
     """Warn, then silence the same message (the original library's warn-once behaviour)."""
     warnings.warn(message, UserWarning, stacklevel=3)
-    warnings.filterwarnings("ignore", message=message.replace(".", r"\."))
+    warnings.filterwarnings("ignore", message=re.escape(message))
 
 
-class Linear4bit(nn.Linear):
+class Linear4bit(LoadsQuantizedWeight, nn.Linear):
     """``y = x @ dequantize(W).T + b`` with ``W`` stored as NF4/FP4 codes (blockwise absmax, blocksize 64)."""
 
     def __init__(
@@ -54,6 +56,9 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._check_weight()
+        if not x.is_floating_point():
+            name = type(self).__name__
+            raise TypeError(f"{name} input must have a float dtype (float16, bfloat16, float32), got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
         compute_dtype = self.compute_dtype or x.dtype
@@ -74,40 +79,18 @@ class Linear4bit(nn.Linear):
         for key, value in entries.items():
             destination[prefix + key] = value if keep_vars else value.detach()
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
+    def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
         key = prefix + "weight"
-        stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
-        ours = {key, *(f"{key}.{name}" for name in stats)}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key not in state_dict:
-            return  # super() reported it missing
-        missing_keys.remove(key)
-        try:
-            assign = local_metadata.get("assign_to_params_buffers", False)
-            self._load_weight(state_dict[key], stats, assign)
-        except (ValueError, TypeError, KeyError) as error:
-            error_msgs.append(f"While loading {key} into {type(self).__name__}: {error}")
+        return {key, *(k for k in state_dict if k.startswith(key + "."))}
 
-    def _load_weight(self, data: torch.Tensor, stats: dict[str, torch.Tensor], assign: bool) -> None:
-        """Replace the weight by a checkpoint's (packed with its quant state, or float to be quantized).
-
-        A weight on the meta device (or ``assign=True``) takes the checkpoint's tensors and device.
-        """
+    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device) -> Params4bit:
+        """The checkpoint's weight: packed with its ``weight.*`` quant state, or a float weight to quantize."""
+        key = prefix + "weight"
         current = self._check_weight()
-        assign = assign or current.is_meta
+        stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
         if not stats:
-            if assign:
-                self.weight = Params4bit(data, compress_statistics=current.compress_statistics,
-                                         quant_type=current.quant_type, quant_storage=current.quant_storage,
-                                         blocksize=current.blocksize)  # fmt: skip
-            else:
-                current.copy_(data)
-            return
-        device = data.device if assign else current.device
-        loaded = Params4bit.from_prequantized(data, stats, device=device)
+            return current._quantized_like(state_dict[key].to(device))
+        loaded = Params4bit.from_prequantized(state_dict[key], stats, device=device)
         for what, have, got in (
             ("quant_type", current.quant_type, loaded.quant_type),
             ("shape", current.logical_shape, loaded.logical_shape),
@@ -115,13 +98,7 @@ class Linear4bit(nn.Linear):
         ):
             if have != got:
                 raise ValueError(f"checkpoint {what} {got!r} does not match the module's {have!r}")
-        if loaded.quant_storage != current.quant_storage:
-            packed = loaded.packed.contiguous().view(torch.uint8).view(current.quant_storage).view(-1, 1)
-            loaded = Params4bit(packed, quant_state=loaded.quant_state)
-        if loaded.compress_statistics == current.compress_statistics and not assign:
-            current.copy_(loaded)
-        else:
-            self.weight = loaded
+        return loaded.with_quant_storage(current.quant_storage)
 
 
 class LinearFP4(Linear4bit):

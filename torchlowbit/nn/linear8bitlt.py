@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .int8params import Int8Params
+from .weight_loading import LoadsQuantizedWeight
 
 
 class MatmulLtState:
@@ -65,7 +66,7 @@ class _TrainableInt8Linear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-class Linear8bitLt(nn.Linear):
+class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
     """``y = x @ W.T + b`` with LLM.int8: int8 rows times the int8 weight, outlier columns in 16-bit.
 
     ``has_fp16_weights=False`` stores ``W`` as an ``Int8Params`` (inference, input gradients still flow);
@@ -115,45 +116,28 @@ class Linear8bitLt(nn.Linear):
             destination[prefix + "SCB"] = weight.SCB if keep_vars else weight.SCB.detach()
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        key, scb_key, format_key = prefix + "weight", prefix + "SCB", prefix + "weight_format"
-        ours = {key, scb_key, format_key}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key not in state_dict:
-            return  # super() reported it missing
-        missing_keys.remove(key)
-        try:
-            assign = local_metadata.get("assign_to_params_buffers", False)
-            self._load_weight(state_dict[key], state_dict.get(scb_key), state_dict.get(format_key), assign)
-        except (ValueError, TypeError) as error:
-            error_msgs.append(f"While loading {key} into Linear8bitLt: {error}")
+    def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
+        return {prefix + "weight", prefix + "SCB", prefix + "weight_format"}
 
-    def _load_weight(self, data, SCB, weight_format, assign: bool) -> None:
-        """Take a checkpoint's weight: int8 with its SCB, or float (quantized unless the weights are fp16)."""
+    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device) -> torch.Tensor:
+        """The checkpoint's weight: int8 with its ``SCB``, or float (quantized unless the weights are fp16)."""
+        data, SCB = state_dict[prefix + "weight"], state_dict.get(prefix + "SCB")
+        weight_format = state_dict.get(prefix + "weight_format")
         if weight_format is not None and int(weight_format) != 0:
             raise ValueError(f"weight_format must be 0 (row-major; tiled layouts are gone), got {int(weight_format)}")
         expected = (self.out_features, self.in_features)
         if tuple(data.shape) != expected:
             raise ValueError(f"checkpoint weight has shape {list(data.shape)}, expected {list(expected)}")
-        current = self.weight
+        data = data.to(device)
         if SCB is not None:
             if self.state.has_fp16_weights:
                 raise ValueError("cannot load an int8 checkpoint (with SCB) into a layer with has_fp16_weights=True")
+            current = self.weight
             dtype = current.meta.dtype if isinstance(current, Int8Params) else torch.float16
-            loaded = Int8Params.from_quantized(data, SCB, dtype=dtype)
-        elif not data.is_floating_point():
+            return Int8Params.from_quantized(data, SCB.to(device), dtype=dtype)
+        if not data.is_floating_point():
             raise ValueError(f"checkpoint weight is {data.dtype} without an SCB entry: its row scales are missing")
-        else:
-            loaded = data if self.state.has_fp16_weights else Int8Params(data, has_fp16_weights=False)
-        if assign or current.is_meta:
-            requires_grad = self.state.has_fp16_weights
-            self.weight = loaded if isinstance(loaded, Int8Params) else nn.Parameter(loaded, requires_grad)
-        else:
-            with torch.no_grad():
-                current.copy_(loaded)
+        return data if self.state.has_fp16_weights else Int8Params(data, has_fp16_weights=False)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -25,25 +25,20 @@ class _Meta4bit:
     dtype: torch.dtype
     blocksize: int
     quant_type: str
-    nested_offset: float | None  # None: absmax is plain float32 (no double quantization)
+    nested: bool  # absmax double-quantized: uint8 codes, nested_absmax, nested_code, nested_offset
     nested_blocksize: int = _NESTED_BLOCKSIZE
-
-    @property
-    def nested(self) -> bool:
-        return self.nested_offset is not None
 
 
 def _from_quant_state(packed: torch.Tensor, quant_state: F.QuantState) -> tuple[dict, _Meta4bit]:
     inner = {"packed": packed, "absmax": quant_state.absmax}
-    offset = None
     if quant_state.nested:
         inner["nested_absmax"] = quant_state.state2.absmax
         inner["nested_code"] = quant_state.state2.code
-        offset = float(quant_state.offset)
+        inner["nested_offset"] = quant_state.offset.reshape(1)
     nested_blocksize = quant_state.state2.blocksize if quant_state.nested else _NESTED_BLOCKSIZE
     meta = _Meta4bit(
-        tuple(quant_state.shape), quant_state.dtype, quant_state.blocksize, quant_state.quant_type, offset,
-        nested_blocksize,
+        tuple(quant_state.shape), quant_state.dtype, quant_state.blocksize, quant_state.quant_type,
+        quant_state.nested, nested_blocksize,
     )  # fmt: skip
     return inner, meta
 
@@ -59,14 +54,13 @@ def _quantize(data: torch.Tensor, blocksize: int, compress_statistics: bool, qua
         return _from_quant_state(packed, state)
     packed, absmax = torch.ops.lowbit.quantize_4bit(data, blocksize, quant_type, quant_storage)
     inner = {"packed": packed, "absmax": absmax}
-    offset = None
     if compress_statistics:
         inner["absmax"] = torch.empty_like(absmax, dtype=torch.uint8)
         blocks = math.ceil(absmax.numel() / _NESTED_BLOCKSIZE)
         inner["nested_absmax"] = absmax.new_empty(blocks)
         inner["nested_code"] = absmax.new_empty(256)
-        offset = 0.0
-    return inner, _Meta4bit(tuple(data.shape), data.dtype, blocksize, quant_type, offset)
+        inner["nested_offset"] = absmax.new_empty(1)
+    return inner, _Meta4bit(tuple(data.shape), data.dtype, blocksize, quant_type, compress_statistics)
 
 
 class Params4bit(QuantizedParameter):
@@ -76,11 +70,12 @@ class Params4bit(QuantizedParameter):
     device it only records shapes); ``quant_state`` is given with already packed ``data``.
     """
 
-    inner_names = ("packed", "absmax", "nested_absmax", "nested_code")
+    inner_names = ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset")
     packed: torch.Tensor
     absmax: torch.Tensor
     nested_absmax: torch.Tensor | None
     nested_code: torch.Tensor | None
+    nested_offset: torch.Tensor | None
     meta: _Meta4bit
 
     @staticmethod
@@ -124,8 +119,8 @@ class Params4bit(QuantizedParameter):
             )
         return F.QuantState(
             absmax=self.absmax, shape=meta.shape, code=F.get_4bit_type(meta.quant_type, device=self.device),
-            blocksize=meta.blocksize, quant_type=meta.quant_type, dtype=meta.dtype, offset=meta.nested_offset,
-            state2=state2,
+            blocksize=meta.blocksize, quant_type=meta.quant_type, dtype=meta.dtype,
+            offset=None if self.nested_offset is None else self.nested_offset.reshape(()), state2=state2,
         )  # fmt: skip
 
     @property
@@ -174,11 +169,20 @@ class Params4bit(QuantizedParameter):
             *self.nested_args(),
         )  # fmt: skip
 
+    def with_quant_storage(self, quant_storage: torch.dtype) -> "Params4bit":
+        """The same codes stored in ``quant_storage`` (the bytes reinterpreted, zero-code padded to fit)."""
+        if quant_storage == self.quant_storage:
+            return self
+        numel = math.prod(self.meta.shape)
+        data = self.packed.reshape(-1).view(torch.uint8)[: -(-numel // 2)]
+        zero = F.get_4bit_type(self.quant_type).tolist().index(0.0)
+        pad = packed_count(numel, quant_storage) * quant_storage.itemsize - data.numel()
+        data = torch.nn.functional.pad(data, (0, pad), value=(zero << 4) | zero)
+        return self._make({**self.inner(), "packed": data.view(quant_storage).view(-1, 1)}, self.meta)
+
     def nested_args(self) -> tuple:
         """The (nested_absmax, nested_code, nested_offset, nested_blocksize) arguments of the 4-bit ops."""
-        meta = self.meta
-        offset = meta.nested_offset if meta.nested else 0.0
-        return self.nested_absmax, self.nested_code, offset, meta.nested_blocksize
+        return self.nested_absmax, self.nested_code, self.nested_offset, self.meta.nested_blocksize
 
     def __repr__(self) -> str:
         meta = self.meta

@@ -80,7 +80,10 @@ def _to_copy(weight: QuantizedParameter, *, dtype=None, device=None, non_blockin
 
 
 def _copy_(dest: QuantizedParameter, src: torch.Tensor, non_blocking: bool = False) -> QuantizedParameter:
-    """Copy another quantized weight's tensors, or quantize a float tensor of the represented shape, in place."""
+    """Copy another quantized weight's tensors, or quantize a float tensor of the represented shape, in place.
+
+    Only inner tensors change: aliases (``detach()``, ``.data``) share them, so all of them see the copy.
+    """
     if isinstance(src, QuantizedParameter):
         if type(src) is not type(dest) or src._layout() != dest._layout():
             raise ValueError(f"cannot copy {src!r} into {dest!r}: their quantization layouts differ")
@@ -90,7 +93,6 @@ def _copy_(dest: QuantizedParameter, src: torch.Tensor, non_blocking: bool = Fal
     for name, t in dest.inner().items():
         if t is not None:
             t.copy_(getattr(source, name), non_blocking=non_blocking)
-    dest.meta = source.meta
     return dest
 
 

@@ -9,9 +9,10 @@ from .quantize_4bit import check_packed, decode, decode_absmax
 from .registry import register_fake, register_reference
 
 
-def _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_blocksize):
+def _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
+           nested_blocksize):  # fmt: skip
     check_dtype(A, "A")
-    check_packed(B, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_blocksize)
+    check_packed(B, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if len(shape) != 2:
         raise ValueError(f"shape must be the 2-d (out_features, in_features) of the weight, got {list(shape)}")
     if A.dim() == 0 or A.shape[-1] != shape[1]:
@@ -26,15 +27,17 @@ def _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nest
 
 @register_fake("gemm_4bit")
 def _(A, B, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None, nested_code=None,
-      nested_offset=0.0, nested_blocksize=256):  # fmt: skip
-    _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_blocksize)
+      nested_offset=None, nested_blocksize=256):  # fmt: skip
+    _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
+           nested_blocksize)  # fmt: skip
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
 @register_reference("gemm_4bit")
 def _(A, B, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None, nested_code=None,
-      nested_offset=0.0, nested_blocksize=256):  # fmt: skip
-    _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_blocksize)
+      nested_offset=None, nested_blocksize=256):  # fmt: skip
+    _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
+           nested_blocksize)  # fmt: skip
     absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     weight = decode(B, absmax, blocksize, quant_type, math.prod(shape)).view(shape)
     out = A.float() @ weight.T
@@ -44,22 +47,24 @@ def _(A, B, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None,
 
 
 def _setup_context(ctx, inputs, output):
-    _, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, *nested_args = inputs
-    ctx.save_for_backward(B, absmax, nested_absmax, nested_code)
-    ctx.weight_args = (blocksize, quant_type, shape)
-    ctx.nested_args = nested_args
+    _, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
+        inputs
+    )
+    ctx.save_for_backward(B, absmax, nested_absmax, nested_code, nested_offset)
+    ctx.weight_args = (blocksize, quant_type, shape, nested_blocksize)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     """Gradients for A (``grad @ W``) and bias (summed ``grad``); the quantized weight is frozen."""
-    B, absmax, nested_absmax, nested_code = ctx.saved_tensors
-    blocksize, quant_type, shape = ctx.weight_args
+    B, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    blocksize, quant_type, shape, nested_blocksize = ctx.weight_args
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.lowbit.dequantize_4bit(
-            B, absmax, blocksize, quant_type, shape, grad.dtype, nested_absmax, nested_code, *ctx.nested_args
-        )
+            B, absmax, blocksize, quant_type, shape, grad.dtype, nested_absmax, nested_code, nested_offset,
+            nested_blocksize,
+        )  # fmt: skip
         grad_A = grad @ weight
     if ctx.needs_input_grad[6]:
         grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)

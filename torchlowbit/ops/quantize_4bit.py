@@ -36,7 +36,7 @@ def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str, quant_stor
 
 def check_packed(
     A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape, nested_absmax, nested_code,
-    nested_blocksize: int,
+    nested_offset, nested_blocksize: int,
 ) -> None:  # fmt: skip
     """Checks of a packed weight with its (possibly double-quantized) absmax, as read by the 4-bit ops."""
     check_dtype(A, "A", QUANT_STORAGE_DTYPES)
@@ -52,15 +52,21 @@ def check_packed(
             f"got {A.numel() * A.dtype.itemsize}"
         )
     check_numel(absmax, "absmax", blockwise.num_blocks(numel, blocksize), f"one per block of {blocksize}")
-    check_same_device(A=A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code)
-    if (nested_absmax is None) != (nested_code is None):
-        raise ValueError("nested_absmax and nested_code must be given together (double quantization) or not at all")
+    check_same_device(
+        A=A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset
+    )
+    if not (nested_absmax is None) == (nested_code is None) == (nested_offset is None):
+        raise ValueError(
+            "nested_absmax, nested_code and nested_offset must be given together (double quantization) or not at all"
+        )
     if nested_absmax is None:
         check_dtype(absmax, "absmax", (torch.float32,))
         return
     check_dtype(absmax, "absmax", (torch.uint8,))
     check_dtype(nested_absmax, "nested_absmax", (torch.float32,))
     check_code(nested_code, "nested_code")
+    check_dtype(nested_offset, "nested_offset", (torch.float32,))
+    check_numel(nested_offset, "nested_offset", 1, "the mean subtracted before double quantization")
     check_blocksize(nested_blocksize, "nested_blocksize")
     check_numel(
         nested_absmax, "nested_absmax", blockwise.num_blocks(absmax.numel(), nested_blocksize),
@@ -68,11 +74,11 @@ def check_packed(
     )  # fmt: skip
 
 
-def decode_absmax(absmax, nested_absmax, nested_code, nested_offset: float, nested_blocksize: int) -> torch.Tensor:
+def decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize: int) -> torch.Tensor:
     """The float32 block absmax, decoding the double-quantized form when ``nested_absmax`` is given."""
     if nested_absmax is None:
         return absmax
-    return decode_blockwise(absmax, nested_absmax, nested_code, nested_blocksize) + nested_offset
+    return decode_blockwise(absmax, nested_absmax, nested_code, nested_blocksize) + nested_offset.reshape(())
 
 
 def unpack(A: torch.Tensor, numel: int) -> torch.Tensor:
@@ -122,17 +128,17 @@ def _(A, blocksize, quant_type, quant_storage):
 
 
 @register_fake("dequantize_4bit")
-def _(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=0.0,
+def _(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=None,
       nested_blocksize=256):  # fmt: skip
-    check_packed(A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_blocksize)
+    check_packed(A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
     check_dtype_arg(dtype, "dtype")
     return A.new_empty(shape, dtype=dtype)
 
 
 @register_reference("dequantize_4bit")
-def _(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=0.0,
+def _(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=None,
       nested_blocksize=256):  # fmt: skip
-    check_packed(A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_blocksize)
+    check_packed(A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
     check_dtype_arg(dtype, "dtype")
     absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return decode(A, absmax, blocksize, quant_type, math.prod(shape)).to(dtype).view(shape)

@@ -9,9 +9,10 @@ import torch
 LIBRARY = torch.library.Library("lowbit", "DEF")
 
 # The double-quantized absmax of a 4-bit weight: uint8 codes into ``nested_code``, one float32 scale per
-# ``nested_blocksize`` codes, plus ``nested_offset``. Decoded inside the ops that read 4-bit weights.
+# ``nested_blocksize`` codes, plus ``nested_offset`` (a 1-element float32 tensor, so that reading it never
+# synchronizes or specializes a graph). Decoded inside the ops that read 4-bit weights.
 _NESTED = (
-    "Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0, int nested_blocksize=256"
+    "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256"
 )
 
 # Scalars that schedules change every step are 0-d tensors, so compiled steps do not specialize on them.
