@@ -82,7 +82,7 @@ def cases(shape):
         for _ in range(n):
             packed, absmax = ops.quantize_4bit(weight(), BLOCKSIZE_4BIT, "nf4", torch.uint8)
             if nested:
-                offset = absmax.mean().item()
+                offset = absmax.mean().reshape(1)
                 qabsmax, nested_absmax = ops.quantize_blockwise(absmax - offset, code, 256)
                 out.append((packed, qabsmax, nested_absmax, offset))
             else:

@@ -329,13 +329,14 @@ def _opcheck_cases():
     code = codebooks.create_dynamic_map().cuda()
     packed, absmax = torch.ops.lowbit.quantize_4bit(A, 64, "nf4", torch.uint8)
     qabsmax, nested_absmax = torch.ops.lowbit.quantize_blockwise(absmax - absmax.mean(), code, 256)
+    offset = torch.tensor([0.25], device="cuda")
     packed_bf16, absmax_fp4 = torch.ops.lowbit.quantize_4bit(A, 32, "fp4", torch.bfloat16)
     q8, absmax8 = torch.ops.lowbit.quantize_blockwise(A, code, 128)
     return [
         ("quantize_4bit", (A[:, ::2], 64, "nf4", torch.uint8)),
         ("quantize_4bit", (A.float(), 32, "fp4", torch.bfloat16)),
         ("dequantize_4bit", (packed, absmax, 64, "nf4", [33, 70], torch.bfloat16)),
-        ("dequantize_4bit", (packed, qabsmax, 64, "nf4", [33, 70], torch.float16, nested_absmax, code, 0.25, 256)),
+        ("dequantize_4bit", (packed, qabsmax, 64, "nf4", [33, 70], torch.float16, nested_absmax, code, offset, 256)),
         ("dequantize_4bit", (packed_bf16, absmax_fp4, 32, "fp4", [33, 70], torch.float32)),
         ("quantize_blockwise", (A, code, 128)),
         ("quantize_blockwise", (A.half(), code, 4096, 7)),
