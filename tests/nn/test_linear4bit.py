@@ -560,7 +560,7 @@ def test_mismatched_checkpoint_leaves_module_state_unchanged(device, case):
 
 
 def test_safetensors_round_trip(device):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")  # a test extra; skipped only outside it
     layer = bnb.nn.LinearNF4(128, 64, device=device)
     with TemporaryDirectory() as tmpdir:
         path = os.path.join(tmpdir, "layer.safetensors")
