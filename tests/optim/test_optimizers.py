@@ -1,0 +1,242 @@
+"""torchlowbit.optim: the optimizer classes against torch.optim, 8-bit against 32-bit, state dicts, compile."""
+
+import copy
+
+import pytest
+import torch
+
+import torchlowbit as bnb
+from torchlowbit.optim.optimizer import Optimizer8bit
+
+# (ours, torch's, kwargs shared by both)
+MATCHES_TORCH = [
+    (bnb.optim.Adam32bit, torch.optim.Adam, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)),
+    (bnb.optim.AdamW32bit, torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)),
+    (bnb.optim.SGD32bit, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.01)),
+    (bnb.optim.RMSprop32bit, torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=0.01)),
+    (bnb.optim.Adagrad32bit, torch.optim.Adagrad, dict(lr=1e-2, eps=1e-10, weight_decay=0.01)),
+]
+EIGHT_BIT = [
+    (bnb.optim.Adam8bit, bnb.optim.Adam32bit, dict(lr=1e-3)),
+    (bnb.optim.AdamW8bit, bnb.optim.AdamW32bit, dict(lr=1e-3)),
+    (bnb.optim.Lion8bit, bnb.optim.Lion32bit, dict(lr=1e-4)),
+    (bnb.optim.SGD8bit, bnb.optim.SGD32bit, dict(lr=1e-2, momentum=0.9)),
+    (bnb.optim.RMSprop8bit, bnb.optim.RMSprop32bit, dict(lr=1e-3)),
+    (bnb.optim.Adagrad8bit, bnb.optim.Adagrad32bit, dict(lr=1e-2)),
+    (bnb.optim.AdEMAMix8bit, bnb.optim.AdEMAMix32bit, dict(lr=1e-3)),
+]
+
+
+def _param(device, dtype=torch.float32, shape=(64, 80), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(shape, generator=generator).to(device=device, dtype=dtype))
+
+
+def _grads(device, steps, shape=(64, 80), seed=1, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=generator) * 0.1).to(device=device, dtype=dtype) for _ in range(steps)]
+
+
+def _run(optimizer, p, grads):
+    for g in grads:
+        p.grad = g.clone()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("ours, theirs, kwargs", MATCHES_TORCH, ids=lambda v: getattr(v, "__name__", ""))
+def test_32bit_matches_torch_optim(device, ours, theirs, kwargs):
+    p_ours, p_theirs = _param(device), _param(device)
+    grads = _grads(device, 100)
+    _run(ours([p_ours], **kwargs), p_ours, grads)
+    _run(theirs([p_theirs], **kwargs), p_theirs, grads)
+    torch.testing.assert_close(p_ours, p_theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_lion_32bit_follows_the_published_rule(device):
+    p = _param(device)
+    reference, momentum = p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64)
+    grads = _grads(device, 30)
+    lr, beta1, beta2, wd = 1e-3, 0.9, 0.99, 0.1
+    for g in grads:
+        g = g.double()
+        reference = reference * (1 - lr * wd) - lr * torch.sign(beta1 * momentum + (1 - beta1) * g)
+        momentum = beta2 * momentum + (1 - beta2) * g
+    _run(bnb.optim.Lion32bit([p], lr=lr, betas=(beta1, beta2), weight_decay=wd), p, grads)
+    torch.testing.assert_close(p.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eight, thirty_two, kwargs", EIGHT_BIT, ids=lambda v: getattr(v, "__name__", ""))
+def test_8bit_tracks_32bit(device, eight, thirty_two, kwargs):
+    p8, p32 = _param(device), _param(device)
+    grads = _grads(device, 50)
+    opt8 = eight([p8], **kwargs)
+    _run(opt8, p8, grads)
+    _run(thirty_two([p32], **kwargs), p32, grads)
+    state = opt8.state[p8]
+    assert state["state1"].dtype == torch.uint8 and state["absmax1"].dtype == torch.float32
+    moved = (p32 - _param(device)).norm()
+    assert (p8 - p32).norm() <= 0.1 * moved
+
+
+def test_8bit_state_layout_and_memory(device):
+    p = _param(device, shape=(512, 512))
+    opt = bnb.optim.AdamW8bit([p])
+    _run(opt, p, _grads(device, 1, shape=(512, 512)))
+    state = opt.state[p]
+    assert state["state1"].shape == p.shape and state["state2"].dtype == torch.uint8
+    assert state["absmax1"].shape == (512 * 512 // 256,) and state["absmax2"].shape == (1024,)
+    assert torch.equal(state["qmap1"].cpu(), bnb.functional.create_dynamic_map(signed=True))
+    assert torch.equal(state["qmap2"].cpu(), bnb.functional.create_dynamic_map(signed=False))
+    per_param = sum(state[k].numel() * state[k].element_size() for k in ("state1", "state2", "absmax1", "absmax2"))
+    assert per_param / p.numel() <= 2.04
+
+
+def test_small_parameters_keep_32bit_state(device):
+    small, large = _param(device, shape=(10, 10)), _param(device, shape=(64, 64))
+    opt = bnb.optim.Adam8bit([small, large], min_8bit_size=4096)
+    small.grad, large.grad = torch.ones_like(small), torch.ones_like(large)
+    opt.step()
+    assert opt.state[small]["state1"].dtype == torch.float32
+    assert opt.state[large]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_parameters(device, dtype):
+    p = torch.nn.Parameter(_param(device).detach().mul(0.1).to(dtype))  # small: 16-bit spacing << lr
+    reference = torch.nn.Parameter(p.detach().float())
+    start = reference.detach().clone()
+    g = _grads(device, 1)[0]
+    steady = (g.sign() * (0.05 + g.abs().clamp(max=0.05))).to(dtype)  # magnitudes in [0.05, 0.1]
+    grads = [steady] * 20  # a steady gradient: every step moves p by about lr
+    _run(bnb.optim.Adam8bit([p], lr=1e-2), p, grads)
+    _run(bnb.optim.Adam32bit([reference], lr=1e-2), reference, [g.float() for g in grads])
+    assert p.dtype == dtype
+    assert (p.float() - reference).abs().max() < 0.02
+    assert (p.float() - start).abs().mean() > 0.15
+
+
+@pytest.mark.parametrize("cls", [bnb.optim.AdamW8bit, bnb.optim.AdEMAMix8bit, bnb.optim.Lion32bit])
+def test_state_dict_resumes_bit_exactly(device, cls):
+    p = _param(device)
+    grads = _grads(device, 10)
+    opt = cls([p], lr=1e-3)
+    _run(opt, p, grads[:5])
+    saved_p, saved = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    _run(opt, p, grads[5:])
+    expected = p.detach().clone()
+
+    q = torch.nn.Parameter(saved_p.clone())
+    resumed = cls([q], lr=1e-3)
+    resumed.load_state_dict(saved)
+    _run(resumed, q, grads[5:])
+    assert torch.equal(q, expected)
+    state = saved["state"][0]
+    assert isinstance(state["step"], int) and state["step"] == 5
+    expected_keys = {"step", "state1", "absmax1", "qmap1"} if "8bit" in cls.__name__ else {"step", "state1"}
+    assert expected_keys <= set(state)
+
+
+def test_loads_nested_bitsandbytes_state_dict(device):
+    p = _param(device)
+    grads = _grads(device, 4)
+    opt = bnb.optim.Adam8bit([p])
+    _run(opt, p, grads[:2])
+    saved = opt.state_dict()
+    quant_names = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
+    nested = {"step": saved["state"][0]["step"],
+              "__bnb_optimizer_quant_state__": {k: saved["state"][0][k] for k in quant_names}}  # fmt: skip
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = bnb.optim.Adam8bit([q])
+    resumed.load_state_dict({**saved, "state": {0: nested}})
+    _run(opt, p, grads[2:])
+    _run(resumed, q, grads[2:])
+    assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_saved_state_loads_on_cuda():
+    p = _param("cpu")
+    opt = bnb.optim.AdamW8bit([p])
+    _run(opt, p, _grads("cpu", 3))
+    q = torch.nn.Parameter(p.detach().cuda())
+    resumed = bnb.optim.AdamW8bit([q])
+    resumed.load_state_dict(opt.state_dict())
+    assert all(v.device.type == "cuda" for k, v in resumed.state[q].items() if k != "step")
+    _run(resumed, q, _grads("cuda", 1))
+
+
+def test_embeddings_keep_32bit_state_through_the_manager(device):
+    embedding = bnb.nn.StableEmbedding(1000, 64, device=device)
+    linear = torch.nn.Linear(64, 128, device=device)
+    opt = bnb.optim.Adam8bit([*embedding.parameters(), *linear.parameters()])
+    linear(embedding(torch.tensor([1, 2, 3], device=device))).sum().backward()
+    opt.step()
+    assert opt.state[embedding.weight]["state1"].dtype == torch.float32
+    assert opt.state[linear.weight]["state1"].dtype == torch.uint8
+
+
+def test_override_config(device):
+    a, b = _param(device), _param(device, seed=3)
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.override_config(b, "optim_bits", 32)
+    opt = bnb.optim.Adam8bit([a, b])
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    assert opt.state[a]["state1"].dtype == torch.uint8 and opt.state[b]["state1"].dtype == torch.float32
+
+
+def test_compiled_step_does_not_recompile_when_lr_changes(device):
+    torch._dynamo.reset()
+    p, q = _param(device), _param(device)
+    compiled_opt = bnb.optim.AdamW8bit([p], lr=torch.tensor(1e-3))
+    eager_opt = bnb.optim.AdamW8bit([q], lr=torch.tensor(1e-3))
+    counts = {"frames": 0}
+
+    def backend(gm, example_inputs):
+        counts["frames"] += 1
+        return gm
+
+    step = torch.compile(compiled_opt.step, backend=backend, fullgraph=True)
+    for i, g in enumerate(_grads(device, 5)):
+        p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager_opt.step()
+        for opt in (compiled_opt, eager_opt):
+            opt.param_groups[0]["lr"].fill_(1e-3 * 0.5**i)
+    assert torch.equal(p, q)
+    assert counts["frames"] <= 2  # the first step (which creates the states) and every later step
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: bnb.optim.Adam(ps, lr=-1.0), "lr must be >= 0"),
+        (lambda ps: bnb.optim.Adam(ps, betas=(1.5, 0.9)), r"betas\[0\] must be in"),
+        (lambda ps: bnb.optim.AdamW8bit(ps, amsgrad=True), "amsgrad"),
+        (lambda ps: bnb.optim.Adam(ps, eps=-1e-8), "eps must be in"),
+        (lambda ps: bnb.optim.Adam(ps, optim_bits=4), "optim_bits must be 8 or 32"),
+        (lambda ps: bnb.optim.AdEMAMix(ps, betas=(0.9, 0.99)), "betas must be"),
+    ],
+)
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([_param("cpu")])
+
+
+def test_sgd_without_momentum_is_refused():
+    with pytest.raises(NotImplementedError, match="momentum=0"):
+        bnb.optim.SGD8bit([_param("cpu")], lr=0.1)
+
+
+def test_sparse_gradients_are_refused():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    opt = bnb.optim.Adam32bit(embedding.parameters())
+    embedding(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_every_variant_is_an_optimizer8bit():
+    names = [n for n in bnb.optim.__all__ if n != "GlobalOptimManager"]
+    assert all(issubclass(getattr(bnb.optim, n), Optimizer8bit) for n in names)
+    assert bnb.optim.PagedAdamW8bit([_param("cpu")]).is_paged

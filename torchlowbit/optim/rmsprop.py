@@ -1,0 +1,39 @@
+"""RMSprop and Adagrad, 8-bit and 32-bit."""
+
+from .optimizer import Optimizer8bit
+from .variants import variant
+
+
+class RMSprop(Optimizer8bit):
+    """RMSprop (``alpha`` smooths the squared gradients; eps outside the square root)."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True) -> None:
+        if alpha == 0:
+            raise NotImplementedError("alpha=0 is not supported")
+        if centered:
+            raise NotImplementedError("centered=True is not supported")
+        if momentum != 0:
+            raise NotImplementedError("momentum != 0 is not supported")
+        defaults = dict(lr=lr, betas=(alpha, momentum), eps=eps, weight_decay=weight_decay,
+                        min_8bit_size=min_8bit_size)  # fmt: skip
+        super().__init__("rmsprop", params, defaults, optim_bits)
+
+
+class Adagrad(Optimizer8bit):
+    """Adagrad (sum of squared gradients; eps outside the square root)."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True) -> None:
+        if initial_accumulator_value != 0:
+            raise ValueError("initial_accumulator_value must be 0 (the only supported value)")
+        if lr_decay != 0:
+            raise ValueError("lr_decay must be 0 (the only supported value)")
+        defaults = dict(lr=lr, betas=(0.0, 0.0), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+        super().__init__("adagrad", params, defaults, optim_bits)
+
+
+RMSprop8bit = variant(RMSprop, "RMSprop8bit", optim_bits=8)
+RMSprop32bit = variant(RMSprop, "RMSprop32bit", optim_bits=32)
+Adagrad8bit = variant(Adagrad, "Adagrad8bit", optim_bits=8)
+Adagrad32bit = variant(Adagrad, "Adagrad32bit", optim_bits=32)
