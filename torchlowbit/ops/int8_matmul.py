@@ -10,6 +10,7 @@ import math
 import torch
 
 from .checks import check_dtype, check_dtype_arg, check_same_device
+from .int8_vectorwise_quant import as_rows
 from .registry import register_fake, register_reference
 
 _INV_127_SQUARED = 1.0 / (127 * 127)
@@ -53,7 +54,7 @@ def _int_mm_accepts(rows: torch.Tensor, B: torch.Tensor) -> bool:
 
 
 def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    rows = A.reshape(-1, A.shape[-1])
+    rows = as_rows(A)
     if rows.shape[0] and _int_mm_accepts(rows, B):
         # CUDA's _int_mm needs more than 16 rows: pad with zero rows and drop them after.
         padded = torch.nn.functional.pad(rows, (0, 0, 0, max(0, 17 - rows.shape[0]))) if rows.is_cuda else rows
@@ -65,7 +66,7 @@ def _matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _dequant(A, row_stats, col_stats, dtype, bias) -> torch.Tensor:
-    out = A.reshape(-1, A.shape[-1]).float() * row_stats.view(-1, 1) * col_stats.view(1, -1) * _INV_127_SQUARED
+    out = as_rows(A).float() * row_stats.view(-1, 1) * col_stats.view(1, -1) * _INV_127_SQUARED
     if bias is not None:
         out = out + bias.float()
     return out.to(dtype or torch.float16).view(A.shape)

@@ -9,6 +9,7 @@ shapes; which columns were outliers comes back as a ``(k,)`` boolean mask.
 import torch
 
 from .checks import check_dtype, check_same_device
+from .int8_vectorwise_quant import as_rows
 from .registry import register_fake, register_reference
 
 
@@ -42,7 +43,7 @@ def _(A, CB, SCB, bias=None, threshold=0.0):
     out = torch.ops.lowbit.int8_scaled_mm(CA, CB, SCA, SCB, bias, torch.float32)
     columns = outlier_cols.nonzero().view(-1)
     if columns.numel():
-        rows = A.reshape(-1, A.shape[-1]).index_select(1, columns).float()
+        rows = as_rows(A).index_select(1, columns).float()
         weight = CB.index_select(1, columns).float() * (SCB / 127.0)[:, None]
         out = out + (rows @ weight.T).view(out.shape)
     return out.to(A.dtype), outlier_cols

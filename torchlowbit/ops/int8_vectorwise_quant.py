@@ -5,10 +5,17 @@ absmax, and every column that holds one is zeroed in the int8 output (LLM.int8 m
 columns in 16-bit instead). The outlier columns come back as a boolean mask, so shapes stay static.
 """
 
+import math
+
 import torch
 
 from .checks import check_dtype
 from .registry import register_fake, register_reference
+
+
+def as_rows(A: torch.Tensor) -> torch.Tensor:
+    """``A`` as 2-d ``(rows, A.shape[-1])``, rows being all leading dimensions (also when a size is 0)."""
+    return A.reshape(math.prod(A.shape[:-1]), A.shape[-1])
 
 
 def _check(A: torch.Tensor, threshold: float) -> None:
@@ -22,7 +29,7 @@ def _check(A: torch.Tensor, threshold: float) -> None:
 @register_fake("int8_vectorwise_quant")
 def _(A, threshold=0.0):
     _check(A, threshold)
-    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    rows = math.prod(A.shape[:-1])
     quantized = torch.empty_like(A, dtype=torch.int8, memory_format=torch.contiguous_format)
     return quantized, A.new_empty(rows, dtype=torch.float32), A.new_empty(A.shape[-1], dtype=torch.bool)
 
@@ -30,7 +37,7 @@ def _(A, threshold=0.0):
 @register_reference("int8_vectorwise_quant")
 def _(A, threshold=0.0):
     _check(A, threshold)
-    rows = A.reshape(-1, A.shape[-1]).float()
+    rows = as_rows(A).float()
     magnitude = rows.abs()
     if threshold > 0:
         outliers = magnitude >= threshold
