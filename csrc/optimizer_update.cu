@@ -1,0 +1,1131 @@
+// CUDA kernels of lowbit::optimizer_update_32bit and lowbit::optimizer_update_8bit_blockwise: one fused pass
+// per step (load g, p and the states; update in float32; store), the rules of
+// torchlowbit/ops/optimizer_update.py.
+//
+// Rounding: every float32 operation of the reference that reaches a state is one explicitly rounded
+// operation here (__fmul_rn, __fadd_rn, __fsqrt_rn, ...: no FMA contraction), in the reference's order, with
+// its scalars rounded to float32 as PyTorch's CPU kernels round them, so the states (and the 8-bit codes and
+// absmax) equal the CPU reference's bit for bit, except where the reference itself has freedom: the bias
+// corrections beta**step (glibc powf there, a float64 pow rounded to float32 here; both almost always the
+// correctly rounded value). The update direction u, which only moves p, takes approximate square roots and
+// divisions (a few ulps), and the max_unorm norms are summed in another order (in float64): p is within a
+// few ulps of lr * u of the reference's (measured: 99.8% of p bit-identical, all codes identical).
+//
+// 8-bit states: a warp owns whole 256-element blocks (8 elements a lane). It decodes the codes through the
+// 256-entry map in shared memory, steps, takes the new absmax with a warp max over the float bits, and
+// requantizes to the nearest code as the reference does (float32 midpoints of the sorted map, ties to the
+// lower entry, NaN to the top; the sign fix on state1). The nearest-code search is one shared-memory table
+// lookup: the bits of |x| select a bin (2^M bins per octave over [2^-24, 2), one bin below and one above,
+// one table per sign) holding at most one distinct midpoint, so one comparison finishes it. The table is
+// built per CTA from the map (any map; an unsorted one is sorted first); a map that no table fits (e.g. the
+// fp8 map) takes a branch-free Eytzinger search over the 255 midpoints instead.
+//
+// max_unorm > 0 (LAMB, LARS): a first pass computes the update exactly as the step does and writes per-CTA
+// float64 partial sums of u*u and p*p; every CTA of the step kernel sums them in the same order.
+//
+// lr and step: a CPU 0-d tensor is read on the host, a device one inside the kernels; nothing synchronizes,
+// and the launches are CUDA-graph capturable (with device lr/step, a replay sees their current values).
+//
+// Knobs read at each call, for tests and benchmarks: TORCHLOWBIT_OPTIM_SEARCH=tree forces the fallback
+// search; TORCHLOWBIT_OPTIM_STAGE=1 stages the next block through shared memory with cp.async (slower so
+// far, see update8_kernel).
+#include "lowbit_common.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace lowbit {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Optimizer table (names as torchlowbit/ops/optimizer_update.py OPTIMIZERS).
+
+enum Kind { kAdam = 0, kAdEMAMix = 1, kLion = 2, kMomentum = 3, kRMSprop = 4, kAdagrad = 5 };
+
+struct OptimizerInfo {
+  const char* name;
+  Kind kind;
+  int rows;  // state1 is (rows, *p.shape) when rows > 1
+  bool state2;
+  bool decoupled;
+};
+
+constexpr OptimizerInfo kOptimizers[] = {
+    {"adagrad", kAdagrad, 1, false, false}, {"adam", kAdam, 1, true, true},
+    {"ademamix", kAdEMAMix, 2, true, true}, {"lamb", kAdam, 1, true, true},
+    {"lars", kMomentum, 1, false, false},   {"lion", kLion, 1, false, true},
+    {"momentum", kMomentum, 1, false, false}, {"rmsprop", kRMSprop, 1, false, false},
+};
+
+const OptimizerInfo& find_optimizer(c10::string_view name) {
+  for (const auto& o : kOptimizers)
+    if (name == o.name) return o;
+  std::string names = "[";
+  for (size_t i = 0; i < sizeof(kOptimizers) / sizeof(kOptimizers[0]); ++i)
+    names += (i ? ", '" : "'") + std::string(kOptimizers[i].name) + "'";
+  TORCH_CHECK_VALUE(false, "optimizer_name must be one of ", names, "], got '", std::string(name), "'");
+  return kOptimizers[0];
+}
+
+constexpr bool has_state2(int k) { return k == kAdam || k == kAdEMAMix; }
+constexpr int state1_rows(int k) { return k == kAdEMAMix ? 2 : 1; }
+
+// ---------------------------------------------------------------------------------------------------
+// Scalars. Python floats reach float32 tensor math as float32 (PyTorch casts a scalar operand to the
+// op's float32 compute type), so they are rounded on the host; 1 - beta is formed in float64 first, as
+// Python does.
+
+enum Flags { kSkipZeros = 1, kL2 = 2, kDecoupled = 4, kClip = 8 };
+enum StepType { kStepInt32 = 0, kStepInt64 = 1, kStepFloat32 = 2, kStepFloat64 = 3 };
+
+struct Hyper {
+  float beta1, beta2, beta3, alpha, eps, wd, gnorm, max_unorm;
+  float omb1, omb2, omb3;  // float32(1 - beta) of the float64 difference
+  double wd_d;
+  int flags;
+  const void* lr_ptr;  // device 0-d lr, or null: lr_value
+  int lr_double;       // lr's dtype is float64
+  double lr_value;
+  const void* step_ptr;  // device 0-d step, or null: step_value
+  int step_type;
+  float step_value;  // step.float()
+  const double* partials;  // max_unorm: (sum u^2, sum p^2) per CTA of the norm pass
+  int npartials;
+};
+
+// Per-step values every thread derives from lr and step (uniform; reads device scalars once per thread).
+struct Derived {
+  float lr, decay, c1, c2, k, ec, mom, rc1, rc2;
+};
+
+// The update direction u only moves p (no state depends on it), so its square root and divisions are the
+// fast approximate ones (a few ulps): p differs from the reference's by a few ulps of lr * u at most, while
+// the states, and so the 8-bit codes, keep the reference's exact float32 operations.
+__device__ __forceinline__ float approx_sqrt(float x) {
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float approx_div(float a, float b) { return __fdividef(a, b); }
+
+template <int K>
+__device__ __forceinline__ Derived derive(const Hyper& h) {
+  Derived d;
+  double lr = h.lr_value;
+  if (h.lr_ptr != nullptr)
+    lr = h.lr_double ? *static_cast<const double*>(h.lr_ptr) : double(*static_cast<const float*>(h.lr_ptr));
+  d.lr = static_cast<float>(lr);
+  // decay = 1 - lr * weight_decay in lr's dtype, then rounded to float32 when it scales p; 1 (exact) otherwise
+  d.decay = 1.0f;
+  if (h.flags & kDecoupled)
+    d.decay = h.lr_double ? static_cast<float>(1.0 - lr * h.wd_d) : __fsub_rn(1.0f, __fmul_rn(d.lr, h.wd));
+  float t = h.step_value;
+  if (h.step_ptr != nullptr) {
+    switch (h.step_type) {
+      case kStepInt32: t = static_cast<float>(*static_cast<const int32_t*>(h.step_ptr)); break;
+      case kStepInt64: t = static_cast<float>(*static_cast<const int64_t*>(h.step_ptr)); break;
+      case kStepFloat32: t = *static_cast<const float*>(h.step_ptr); break;
+      default: t = static_cast<float>(*static_cast<const double*>(h.step_ptr)); break;
+    }
+  }
+  d.c1 = d.c2 = d.k = d.ec = d.mom = d.rc1 = d.rc2 = 0.0f;
+  if constexpr (K == kAdam || K == kAdEMAMix) {
+    d.c1 = __fsub_rn(1.0f, static_cast<float>(pow(double(h.beta1), double(t))));
+    d.c2 = __fsqrt_rn(__fsub_rn(1.0f, static_cast<float>(pow(double(h.beta2), double(t)))));
+    d.k = __fdiv_rn(d.c2, d.c1);
+    d.ec = __fmul_rn(h.eps, d.c2);
+    d.rc1 = __frcp_rn(d.c1);
+    d.rc2 = __frcp_rn(d.c2);
+  }
+  if constexpr (K == kMomentum) d.mom = t != 1.0f ? h.beta1 : 0.0f;  // beta1 * (step != 1)
+  return d;
+}
+
+// One element of the rule: new states in place, returns the update direction u (before lr).
+template <int K>
+__device__ __forceinline__ float rule(float g, float& s1a, float& s1b, float& s2, const Hyper& h, const Derived& d) {
+  if constexpr (K == kAdam) {
+    const float m = __fadd_rn(__fmul_rn(h.beta1, s1a), __fmul_rn(h.omb1, g));
+    const float v = __fadd_rn(__fmul_rn(h.beta2, s2), __fmul_rn(__fmul_rn(h.omb2, g), g));
+    s1a = m, s2 = v;
+    return approx_div(__fmul_rn(d.k, m), __fadd_rn(approx_sqrt(v), d.ec));
+  } else if constexpr (K == kAdEMAMix) {
+    const float fast = __fadd_rn(__fmul_rn(h.beta1, s1a), __fmul_rn(h.omb1, g));
+    const float slow = __fadd_rn(__fmul_rn(h.beta3, s1b), __fmul_rn(h.omb3, g));
+    const float nu = __fadd_rn(__fmul_rn(h.beta2, s2), __fmul_rn(__fmul_rn(h.omb2, g), g));
+    s1a = fast, s1b = slow, s2 = nu;
+    return approx_div(__fadd_rn(__fmul_rn(fast, d.rc1), __fmul_rn(h.alpha, slow)),
+                      __fadd_rn(__fmul_rn(approx_sqrt(nu), d.rc2), h.eps));
+  } else if constexpr (K == kLion) {
+    const float c = __fadd_rn(__fmul_rn(h.beta1, s1a), __fmul_rn(h.omb1, g));
+    s1a = __fadd_rn(__fmul_rn(h.beta2, s1a), __fmul_rn(h.omb2, g));
+    return (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);  // torch.sign (NaN -> 0)
+  } else if constexpr (K == kMomentum) {
+    const float m = __fadd_rn(__fmul_rn(d.mom, s1a), g);
+    s1a = m;
+    return m;
+  } else if constexpr (K == kRMSprop) {
+    const float s = __fadd_rn(__fmul_rn(h.beta1, s1a), __fmul_rn(__fmul_rn(h.omb1, g), g));
+    s1a = s;
+    return approx_div(g, __fadd_rn(approx_sqrt(s), h.eps));
+  } else {  // Adagrad
+    const float s = __fadd_rn(s1a, __fmul_rn(g, g));
+    s1a = s;
+    return approx_div(g, __fadd_rn(approx_sqrt(s), h.eps));
+  }
+}
+
+// One element of _step: returns the new p (float32) and updates the states in place. NORM: the norm pass,
+// which only adds u^2 (u as the step would scale it) to usq.
+template <int K, bool NORM>
+__device__ __forceinline__ float step_elem(float p, float g, float& s1a, float& s1b, float& s2, const Hyper& h,
+                                           const Derived& d, float uscale, float& usq) {
+  g = __fmul_rn(g, h.gnorm);
+  const bool keep = !(h.flags & kSkipZeros) || g != 0.0f;
+  if (h.flags & kL2) g = __fadd_rn(g, __fmul_rn(h.wd, p));
+  float a = s1a, b = s1b, v = s2;
+  float u = rule<K>(g, a, b, v, h, d);
+  if (!keep) u = 0.0f;
+  if constexpr (NORM) {
+    usq = __fadd_rn(usq, __fmul_rn(u, u));
+    return p;
+  }
+  if (h.flags & kClip) u = __fmul_rn(u, uscale);
+  const float np = __fsub_rn(__fmul_rn(p, d.decay), __fmul_rn(d.lr, u));
+  if (!keep) return p;
+  s1a = a, s1b = b, s2 = v;
+  return np;
+}
+
+// The max_unorm scale: every CTA sums the norm pass's partials in one fixed order. All threads call.
+__device__ float clip_scale(const Hyper& h, float* slot) {
+  if (threadIdx.x < 32) {
+    double us = 0.0, ps = 0.0;
+    for (int i = threadIdx.x; i < h.npartials; i += 32) us += h.partials[2 * i], ps += h.partials[2 * i + 1];
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+      us += __shfl_xor_sync(0xffffffffu, us, o);
+      ps += __shfl_xor_sync(0xffffffffu, ps, o);
+    }
+    if (threadIdx.x == 0) {
+      const float unorm = static_cast<float>(sqrt(us));
+      const float limit = __fmul_rn(h.max_unorm, static_cast<float>(sqrt(ps)));
+      *slot = unorm > limit ? __fdiv_rn(limit, unorm) : 1.0f;
+    }
+  }
+  __syncthreads();
+  return *slot;
+}
+
+// Block-wide float64 sums of (a, b) into partials[2 * blockIdx.x + {0, 1}] (norm pass). All threads call.
+__device__ void write_partials(double a, double b, double* partials) {
+  __shared__ double sa[32], sb[32];
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) sa[warp] = a, sb[warp] = b;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double ta = 0.0, tb = 0.0;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) ta += sa[w], tb += sb[w];
+    partials[2 * blockIdx.x] = ta;
+    partials[2 * blockIdx.x + 1] = tb;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Element access: 8 consecutive elements a thread. `full`: all 8 exist and the pointers allow vectors.
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* ptr, int count, bool full, float (&v)[8]) {
+  typename Elem<T>::Raw8 r;
+  if (full) {
+    r = Elem<T>::load8_raw(ptr);
+  } else if (count > 0) {
+    r = Elem<T>::load8_raw_partial(ptr, count);
+  } else {
+    r = typename Elem<T>::Raw8{};
+  }
+  Elem<T>::unpack8(r, v);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* ptr, int count, bool full, const float (&v)[8]) {
+  if (full) {
+    Elem<T>::store8(ptr, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < count) Elem<T>::store1(ptr + j, v[j]);
+  }
+}
+
+__device__ __forceinline__ uint2 load_codes(const uint8_t* ptr, int count, bool full) {
+  if (full) return *reinterpret_cast<const uint2*>(ptr);
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < count) w[j >> 2] |= uint32_t(ptr[j]) << (8 * (j & 3));
+  return make_uint2(w[0], w[1]);
+}
+
+__device__ __forceinline__ void store_codes(uint8_t* ptr, int count, bool full, uint2 c) {
+  if (full) {
+    *reinterpret_cast<uint2*>(ptr) = c;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < count) ptr[j] = static_cast<uint8_t>(((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xffu);
+  }
+}
+
+__device__ __forceinline__ uint32_t code_at(uint2 c, int j) { return ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xffu; }
+
+// ---------------------------------------------------------------------------------------------------
+// 32-bit states: a thread owns 8 consecutive elements, grid-stride.
+
+constexpr int kThreads32 = 256;
+
+template <typename T>
+struct Args32 {
+  T* p;
+  const T* g;
+  float* s1;
+  float* s2;
+  int64_t n;
+  int vec;  // every pointer (and AdEMAMix's second row) 16-byte aligned
+  double* partials;
+};
+
+template <typename T, int K, bool NORM>
+__global__ void __launch_bounds__(kThreads32) update32_kernel(const Args32<T> a, const Hyper h) {
+  __shared__ float uscale_slot;
+  const Derived d = derive<K>(h);
+  float uscale = 1.0f;
+  if (!NORM && (h.flags & kClip)) uscale = clip_scale(h, &uscale_slot);
+  double usum = 0.0, psum = 0.0;
+  const int64_t stride = int64_t(gridDim.x) * kThreads32 * 8;
+  for (int64_t e0 = (int64_t(blockIdx.x) * kThreads32 + threadIdx.x) * 8; e0 < a.n; e0 += stride) {
+    const int64_t rem = a.n - e0;
+    const int count = rem >= 8 ? 8 : int(rem);
+    const bool full = a.vec && count == 8;
+    float pv[8], gv[8], s1a[8], s1b[8], s2[8];
+    load8(a.p + e0, count, full, pv);
+    load8(a.g + e0, count, full, gv);
+    load8(a.s1 + e0, count, full, s1a);
+    if constexpr (state1_rows(K) == 2) {
+      load8(a.s1 + a.n + e0, count, full, s1b);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s1b[j] = 0.0f;
+    }
+    if constexpr (has_state2(K)) {
+      load8(a.s2 + e0, count, full, s2);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s2[j] = 0.0f;
+    }
+    float usq = 0.0f, psq = 0.0f;
+    float np[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float uj = 0.0f;
+      np[j] = step_elem<K, NORM>(pv[j], gv[j], s1a[j], s1b[j], s2[j], h, d, uscale, uj);
+      if constexpr (NORM) {
+        if (j < count) usq = __fadd_rn(usq, uj), psq = __fadd_rn(psq, __fmul_rn(pv[j], pv[j]));
+      }
+    }
+    if constexpr (NORM) {
+      usum += usq, psum += psq;
+    } else {
+      store8(a.p + e0, count, full, np);
+      store8(a.s1 + e0, count, full, s1a);
+      if constexpr (state1_rows(K) == 2) store8(a.s1 + a.n + e0, count, full, s1b);
+      if constexpr (has_state2(K)) store8(a.s2 + e0, count, full, s2);
+    }
+  }
+  if constexpr (NORM) write_partials(usum, psum, a.partials);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 8-bit states: the nearest-code search structures, per CTA in shared memory.
+
+constexpr int kBlock8 = 256;
+constexpr int kTableCap = 3204;  // 2 * (25 * 64 + 2): M = 6 with both signs; M = 7 positive-only fits too
+
+// Table configurations, in order of preference (smaller tables first): (M, positive-only).
+constexpr int kNumConfigs = 7;
+__device__ __constant__ int kConfigM[kNumConfigs] = {4, 5, 6, 4, 5, 6, 7};
+__device__ __constant__ int kConfigPos[kNumConfigs] = {0, 0, 0, 1, 1, 1, 1};
+constexpr int kPositiveOnlyMask = 0x78;
+
+struct Table {
+  uint2 entry[kTableCap];  // (midpoint bits or +inf, info(lo) | info(hi) << 16)
+  float mids[256];         // the 255 sorted midpoints
+  float tree[256];         // the midpoints as an Eytzinger tree (1-based), the fallback search
+  uint16_t info[256];      // per sorted position: code index | signbit(code value) << 8
+};
+
+struct TableParams {
+  uint32_t shift;    // 23 - M
+  int bias;          // (103 << M) - 1: bin 1 starts at 2^-24
+  int nb;            // bins per sign: 25 octaves * 2^M + 2
+  uint32_t negmask;  // 0 for a positive-only table (every negative x is below every midpoint)
+  int fast;          // the table fits; else the tree
+};
+
+struct Shared8 {
+  float q[2][256];
+  float uscale;
+  int bad[2];
+  int pad;
+  Table tab[3];  // one or two tables are allocated; the staging area starts where the next would
+};
+
+// In-order position of Eytzinger node n (1..255) of a perfect tree of 255 nodes.
+__device__ __forceinline__ int eytzinger_position(int n) {
+  const int level = 31 - __clz(n);
+  return ((2 * (n - (1 << level)) + 1) << (7 - level)) - 1;
+}
+
+__device__ __forceinline__ int bin_of(uint32_t mag, uint32_t shift, int bias, int nb) {
+  int b = int(mag >> shift) - bias;
+  return min(max(b, 0), nb - 1);
+}
+
+// The table slot whose answer depends on whether midpoint m < x (-1: none; m is constant for its bins).
+__device__ int inside_id(float m, int M) {
+  const uint32_t shift = 23 - M;
+  const int bias = (103 << M) - 1, nb = (25 << M) + 2;
+  const uint32_t mag = __float_as_uint(m) & 0x7fffffffu;
+  const int b = bin_of(mag, shift, bias, nb);
+  if (!(m < 0.0f)) return b;                                      // x >= 0 side: bin [lo, hi) holds lo <= m < hi
+  if (b > 0 && mag == (uint32_t(b + bias) << shift)) return -1;   // x < 0 side: -hi < m < -lo strictly
+  return nb + b;
+}
+
+// #{ i < 255 : mids[i] < v } (LEQ: <=) over the sorted midpoints.
+template <bool LEQ>
+__device__ __forceinline__ int count_below(const float* mids, float v) {
+  int pos = 0;
+#pragma unroll
+  for (int step = 128; step >= 1; step >>= 1) {
+    const int probe = pos + step - 1;
+    if (probe < 255 && (LEQ ? mids[probe] <= v : mids[probe] < v)) pos += step;
+  }
+  return pos;
+}
+
+// Builds the search structures of one 256-entry map (already in shared memory). All threads call; ends
+// with a barrier. Returns the table parameters (the same in every thread).
+__device__ TableParams build_table(const float* q, Table& t, int* bad_flag, bool force_tree) {
+  const int i = threadIdx.x;
+  float* sorted = t.tree;  // scratch until the tree is written
+  const bool ok = i < 255 ? q[i] <= q[i + 1] : true;
+  const bool is_sorted = __syncthreads_and(ok);
+  if (i < 256) {
+    const float v = q[i];
+    int rank = i;
+    if (!is_sorted) {  // stable, NaN last (torch.sort's order)
+      const bool v_nan = v != v;
+      rank = 0;
+      for (int j = 0; j < 256; ++j) {
+        const float w = q[j];
+        const bool w_nan = w != w;
+        const bool w_before = (w < v) || (!w_nan && v_nan);
+        const bool v_before = (v < w) || (!v_nan && w_nan);
+        rank += (w_before || (!v_before && j < i)) ? 1 : 0;
+      }
+    }
+    sorted[rank] = v;
+    t.info[rank] = static_cast<uint16_t>(i | (signbit(v) ? 0x100 : 0));
+  }
+  if (i == 0) *bad_flag = 0;
+  __syncthreads();
+  if (i < 255) t.mids[i] = __fdiv_rn(__fadd_rn(sorted[i], sorted[i + 1]), 2.0f);
+  if (i == 255) t.mids[255] = __int_as_float(0x7f800000);
+  __syncthreads();
+  if (i >= 1 && i < 256) t.tree[i] = t.mids[eytzinger_position(i)];
+  if (i == 0) t.tree[0] = 0.0f;
+  if (i < 255) {
+    const float m = t.mids[i];
+    int bad = 0;
+    if (!(m >= -2.0f && m < 2.0f)) bad = (1 << kNumConfigs) - 1;  // NaN x must find every midpoint below
+    if (m < 0.0f) bad |= kPositiveOnlyMask;
+    if (i < 254) {
+      const float m2 = t.mids[i + 1];
+      if (m != m2) {
+        for (int c = 0; c < kNumConfigs; ++c) {
+          const int id = inside_id(m, kConfigM[c]);
+          if (id >= 0 && id == inside_id(m2, kConfigM[c])) bad |= 1 << c;
+        }
+      }
+    }
+    if (bad) atomicOr(bad_flag, bad);
+  }
+  __syncthreads();
+  const int bad = *bad_flag;
+  int c = 0;
+  while (c < kNumConfigs && ((bad >> c) & 1)) ++c;
+  TableParams tp;
+  tp.fast = c < kNumConfigs && !force_tree;
+  const int M = tp.fast ? kConfigM[c] : 4;
+  const bool pos_only = tp.fast && kConfigPos[c];
+  tp.shift = 23 - M;
+  tp.bias = (103 << M) - 1;
+  tp.nb = (25 << M) + 2;
+  tp.negmask = pos_only ? 0u : 0xffffffffu;
+  if (tp.fast) {
+    const int size = pos_only ? tp.nb + 1 : 2 * tp.nb;
+    for (int e = i; e < size; e += blockDim.x) {
+      const bool neg = e >= tp.nb;
+      const int b = neg ? e - tp.nb : e;
+      const float lo = b == 0 ? 0.0f : __uint_as_float(uint32_t(b + tp.bias) << tp.shift);
+      const float hi = b == tp.nb - 1 ? __int_as_float(0x7f800000) : __uint_as_float(uint32_t(b + 1 + tp.bias) << tp.shift);
+      int base, k;
+      if (!neg) {  // x in [lo, hi)
+        base = count_below<false>(t.mids, lo);
+        k = count_below<false>(t.mids, hi) - base;
+      } else if (pos_only) {
+        base = 0, k = 0;
+      } else {  // x in (-hi, -lo], x < 0
+        base = count_below<true>(t.mids, -hi);
+        k = count_below<false>(t.mids, -lo) - base;
+      }
+      const float mid = k > 0 ? t.mids[base] : __int_as_float(0x7f800000);
+      t.entry[e] = make_uint2(__float_as_uint(mid), uint32_t(t.info[base]) | (uint32_t(t.info[base + k]) << 16));
+    }
+  }
+  __syncthreads();
+  return tp;
+}
+
+// code index | signbit(code value) << 8 of the nearest code to x (x: a value scaled by 1/absmax).
+template <bool FAST>
+__device__ __forceinline__ uint32_t nearest_info(float x, const Table& t, const TableParams& tp) {
+  if constexpr (FAST) {
+    const int b = bin_of(__float_as_uint(x) & 0x7fffffffu, tp.shift, tp.bias, tp.nb);
+    const uint32_t idx = x < 0.0f ? uint32_t(tp.nb) + (uint32_t(b) & tp.negmask) : uint32_t(b);
+    const uint2 e = t.entry[idx];
+    return (__uint_as_float(e.x) < x ? e.y >> 16 : e.y) & 0x1ffu;
+  } else {
+    int node = 1;
+#pragma unroll
+    for (int level = 0; level < 8; ++level) node = 2 * node + (!(t.tree[node] >= x) ? 1 : 0);
+    return t.info[node - 256];
+  }
+}
+
+// Requantizes 8 new state values of this lane's block part (values past the end are 0): the block absmax
+// (warp max over |x| bits, NaN-propagating), the nearest codes, and the sign fix (KEEP_SIGN: a state never
+// changes sign, as the reference's keep_sign). Returns the packed codes; *absmax_out gets the new absmax.
+template <bool KEEP_SIGN>
+__device__ __forceinline__ uint2 requantize8(const float (&v)[8], const Table& t, const TableParams& tp,
+                                             float* absmax_out) {
+  uint32_t key = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) key = max(key, __float_as_uint(v[j]) & 0x7fffffffu);
+  key = __reduce_max_sync(0xffffffffu, key);
+  const float m = Elem<float>::key_to_float(key);
+  *absmax_out = m;
+  const float inverse = m > 0.0f ? __frcp_rn(m) : 0.0f;
+  uint32_t c[8];
+  if (tp.fast) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = nearest_info<true>(__fmul_rn(v[j], inverse), t, tp);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = nearest_info<false>(__fmul_rn(v[j], inverse), t, tp);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    uint32_t code = c[j] & 0xffu;
+    if (KEEP_SIGN) {
+      const uint32_t sign = __float_as_uint(v[j]) >> 31;
+      if (((c[j] >> 8) & 1u) != sign) code = v[j] > 0.0f ? min(code + 1u, 255u) : (code == 0u ? 0u : code - 1u);
+    }
+    c[j] = code;
+  }
+  return make_uint2(c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24), c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24));
+}
+
+template <typename T>
+struct Args8 {
+  T* p;
+  const T* g;
+  uint8_t* s1;
+  uint8_t* s2;
+  float* am1;
+  float* am2;
+  const float* q1;
+  const float* q2;
+  int64_t n;
+  int64_t nblocks;
+  int vec;         // p, g 16-byte aligned; codes 8-byte aligned (AdEMAMix: n % 8 == 0)
+  int force_tree;  // TORCHLOWBIT_OPTIM_SEARCH=tree: the fallback search even where a table fits
+  int stage;       // TORCHLOWBIT_OPTIM_STAGE=1: stage the next block through shared memory (cp.async)
+  double* partials;
+};
+
+// Decodes one lane's 8 elements of a block, steps them, and zeroes the new states past the end (the
+// reference pads the last block with zeros). NORM: adds u^2 and p^2 of the valid elements instead.
+template <typename T, int K, bool NORM>
+__device__ __forceinline__ void decode_step8(const float* q1, const float* q2, float (&pv)[8], const float (&gv)[8],
+                                             uint2 c1a, uint2 c1b, uint2 c2, float am1a, float am1b, float am2,
+                                             int count, const Hyper& h, const Derived& d, float uscale, float (&n1a)[8],
+                                             float (&n1b)[8], float (&n2)[8], float& usq, float& psq) {
+  constexpr bool kTwo = has_state2(K);
+  constexpr bool kRows2 = state1_rows(K) == 2;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    float s1a = __fmul_rn(q1[code_at(c1a, j)], am1a);
+    float s1b = kRows2 ? __fmul_rn(q1[code_at(c1b, j)], am1b) : 0.0f;
+    float s2 = kTwo ? __fmul_rn(q2[code_at(c2, j)], am2) : 0.0f;
+    float uj = 0.0f;
+    const float np = step_elem<K, NORM>(pv[j], gv[j], s1a, s1b, s2, h, d, uscale, uj);
+    if constexpr (NORM) {
+      if (j < count) usq = __fadd_rn(usq, uj), psq = __fadd_rn(psq, __fmul_rn(pv[j], pv[j]));
+    } else {
+      pv[j] = np;
+      n1a[j] = s1a, n1b[j] = s1b, n2[j] = s2;
+    }
+  }
+  if (!NORM && count < 8) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j >= count) n1a[j] = n1b[j] = n2[j] = 0.0f;
+  }
+}
+
+// cp.async (Ampere+): 16 / 8 bytes global -> shared, completing per thread at cp.async.wait_group.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Bytes one thread stages per block: p and g (8 elements each) and 8 codes per state row.
+template <typename T, int K>
+constexpr int stage_bytes_per_thread() {
+  return 2 * 8 * int(sizeof(T)) + 8 * (state1_rows(K) + (has_state2(K) ? 1 : 0));
+}
+
+// The staging area of one stage: per field, 16-byte (8-byte for codes) slots indexed by thread, so that a
+// warp's shared-memory accesses are contiguous (conflict-free).
+template <typename T, int K>
+struct Stage {
+  static constexpr int kChunks = int(sizeof(T)) / 2;  // 16-byte chunks of 8 elements: fp32 2, 16-bit 1
+  uint32_t base;                                      // shared address of the stage
+  int nthreads;
+  __device__ uint32_t p(int chunk, int tid) const { return base + (chunk * nthreads + tid) * 16; }
+  __device__ uint32_t g(int chunk, int tid) const { return base + ((kChunks + chunk) * nthreads + tid) * 16; }
+  __device__ uint32_t codes(int row, int tid) const {  // row: 0 state1, 1 AdEMAMix's state1 row 1, last state2
+    return base + 2 * kChunks * nthreads * 16 + (row * nthreads + tid) * 8;
+  }
+};
+
+template <typename T, int K>
+__device__ __forceinline__ void stage_issue(const Args8<T>& a, const Stage<T, K>& st, int64_t blk, int tid) {
+  const int64_t e0 = blk * kBlock8 + (tid & 31) * 8;
+  const char* p = reinterpret_cast<const char*>(a.p + e0);
+  const char* g = reinterpret_cast<const char*>(a.g + e0);
+#pragma unroll
+  for (int c = 0; c < Stage<T, K>::kChunks; ++c) {
+    cp_async16(st.p(c, tid), p + 16 * c);
+    cp_async16(st.g(c, tid), g + 16 * c);
+  }
+  cp_async8(st.codes(0, tid), a.s1 + e0);
+  if constexpr (state1_rows(K) == 2) cp_async8(st.codes(1, tid), a.s1 + a.n + e0);
+  if constexpr (has_state2(K)) cp_async8(st.codes(state1_rows(K), tid), a.s2 + e0);
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::Raw8 raw_from_chunks(uint32_t c0, uint32_t c1);
+template <>
+__device__ __forceinline__ Elem<float>::Raw8 raw_from_chunks<float>(uint32_t c0, uint32_t c1) {
+  return {lds128(c0), lds128(c1)};
+}
+template <>
+__device__ __forceinline__ Elem<at::Half>::Raw8 raw_from_chunks<at::Half>(uint32_t c0, uint32_t) {
+  return lds128(c0);
+}
+template <>
+__device__ __forceinline__ Elem<at::BFloat16>::Raw8 raw_from_chunks<at::BFloat16>(uint32_t c0, uint32_t) {
+  return lds128(c0);
+}
+
+constexpr int kMaxThreads8 = 1024;
+constexpr int kNormThreads8 = 512;
+
+// The step. Each warp walks its blocks, the next block's absmax prefetched into registers. Default: CTAs of
+// 512 threads, two per SM, loads straight into registers. Opt-in (TORCHLOWBIT_OPTIM_STAGE=1): one CTA of up
+// to 1024 threads per SM that stages the next block's p, g and codes through per-thread shared-memory slots
+// (cp.async) while it steps the current one. Measured on an H200 (benchmarks/bench_optim.py, 2026-11-21):
+// staging made the 8-bit Adam step slower (1.92 ms against 1.83 for the default structure), Lion much slower
+// (1.64 against 1.25); kept as an option for further measurement.
+template <typename T, int K>
+__global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T> a, const Hyper h) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Shared8& sh = *reinterpret_cast<Shared8*>(smem_raw);
+  constexpr bool kTwo = has_state2(K);
+  constexpr bool kRows2 = state1_rows(K) == 2;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const uint32_t stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(&sh.tab[kTwo ? 2 : 1]));
+  const uint32_t stage_size = uint32_t(nthreads) * stage_bytes_per_thread<T, K>();
+  const int lane = tid & 31;
+  const int64_t nwarps = int64_t(gridDim.x) * (nthreads >> 5);
+  const int64_t full_blocks = a.vec && a.stage ? a.n / kBlock8 : 0;  // blocks staged through shared memory
+
+  // the first block's loads go out before the tables are built
+  int64_t blk = int64_t(blockIdx.x) * (nthreads >> 5) + (tid >> 5);
+  float next1a = 0.0f, next1b = 0.0f, next2 = 0.0f;
+  if (blk < a.nblocks) {
+    if (blk < full_blocks) stage_issue(a, Stage<T, K>{stage0, nthreads}, blk, tid);
+    next1a = a.am1[blk];
+    if (kRows2) next1b = a.am1[a.nblocks + blk];
+    if (kTwo) next2 = a.am2[blk];
+  }
+  cp_async_commit();
+
+  for (int i = tid; i < 256; i += nthreads) {
+    sh.q[0][i] = a.q1[i];
+    if (kTwo) sh.q[1][i] = a.q2[i];
+  }
+  __syncthreads();
+  TableParams tp1{}, tp2{};
+  tp1 = build_table(sh.q[0], sh.tab[0], &sh.bad[0], a.force_tree);
+  if constexpr (kTwo) tp2 = build_table(sh.q[1], sh.tab[1], &sh.bad[1], a.force_tree);
+  const Derived d = derive<K>(h);
+  float uscale = 1.0f;
+  if (h.flags & kClip) uscale = clip_scale(h, &sh.uscale);
+  const float* q1 = sh.q[0];
+  const float* q2 = sh.q[1];
+
+  for (int s = 0; blk < a.nblocks; blk += nwarps, s ^= 1) {
+    const float am1a = next1a, am1b = next1b, am2 = next2;
+    const int64_t nxt = blk + nwarps;
+    if (nxt < a.nblocks) {
+      if (nxt < full_blocks) stage_issue(a, Stage<T, K>{stage0 + (s ^ 1) * stage_size, nthreads}, nxt, tid);
+      next1a = a.am1[nxt];
+      if (kRows2) next1b = a.am1[a.nblocks + nxt];
+      if (kTwo) next2 = a.am2[nxt];
+    }
+    cp_async_commit();
+    cp_async_wait_one();  // this thread's copies of block blk have landed
+
+    const int64_t e0 = blk * kBlock8 + lane * 8;
+    const int64_t rem = a.n - e0;
+    const int count = rem >= 8 ? 8 : (rem > 0 ? int(rem) : 0);
+    const bool full = a.vec && count == 8;
+    float pv[8], gv[8];
+    uint2 c1a, c1b = make_uint2(0u, 0u), c2 = make_uint2(0u, 0u);
+    if (blk < full_blocks) {
+      const Stage<T, K> st{stage0 + s * stage_size, nthreads};
+      Elem<T>::unpack8(raw_from_chunks<T>(st.p(0, tid), st.p(1, tid)), pv);
+      Elem<T>::unpack8(raw_from_chunks<T>(st.g(0, tid), st.g(1, tid)), gv);
+      c1a = lds64(st.codes(0, tid));
+      if (kRows2) c1b = lds64(st.codes(1, tid));
+      if (kTwo) c2 = lds64(st.codes(state1_rows(K), tid));
+    } else {
+      load8(a.p + e0, count, full, pv);
+      load8(a.g + e0, count, full, gv);
+      c1a = load_codes(a.s1 + e0, count, full);
+      if (kRows2) c1b = load_codes(a.s1 + a.n + e0, count, full);
+      if (kTwo) c2 = load_codes(a.s2 + e0, count, full);
+    }
+
+    float n1a[8], n1b[8], n2[8], unused_u = 0.0f, unused_p = 0.0f;
+    decode_step8<T, K, false>(q1, q2, pv, gv, c1a, c1b, c2, am1a, am1b, am2, count, h, d, uscale, n1a, n1b, n2,
+                              unused_u, unused_p);
+    float m;
+    const uint2 o1a = requantize8<true>(n1a, sh.tab[0], tp1, &m);
+    store_codes(a.s1 + e0, count, full, o1a);
+    if (lane == 0) a.am1[blk] = m;
+    if constexpr (kRows2) {
+      const uint2 o1b = requantize8<true>(n1b, sh.tab[0], tp1, &m);
+      store_codes(a.s1 + a.n + e0, count, full, o1b);
+      if (lane == 0) a.am1[a.nblocks + blk] = m;
+    }
+    if constexpr (kTwo) {
+      const uint2 o2 = requantize8<false>(n2, sh.tab[1], tp2, &m);
+      store_codes(a.s2 + e0, count, full, o2);
+      if (lane == 0) a.am2[blk] = m;
+    }
+    store8(a.p + e0, count, full, pv);
+  }
+  cp_async_wait_all();
+}
+
+// The max_unorm pass: u as the step computes it, direct loads, per-CTA float64 partial sums of u^2 and p^2.
+template <typename T, int K>
+__global__ void __launch_bounds__(kNormThreads8) norm8_kernel(const Args8<T> a, const Hyper h) {
+  __shared__ float q[2][256];
+  constexpr bool kTwo = has_state2(K);
+  constexpr bool kRows2 = state1_rows(K) == 2;
+  for (int i = threadIdx.x; i < 256; i += kNormThreads8) {
+    q[0][i] = a.q1[i];
+    if (kTwo) q[1][i] = a.q2[i];
+  }
+  __syncthreads();
+  const Derived d = derive<K>(h);
+  const int lane = threadIdx.x & 31;
+  double usum = 0.0, psum = 0.0;
+  const int64_t nwarps = int64_t(gridDim.x) * (kNormThreads8 / 32);
+  for (int64_t blk = int64_t(blockIdx.x) * (kNormThreads8 / 32) + (threadIdx.x >> 5); blk < a.nblocks;
+       blk += nwarps) {
+    const int64_t e0 = blk * kBlock8 + lane * 8;
+    const int64_t rem = a.n - e0;
+    const int count = rem >= 8 ? 8 : (rem > 0 ? int(rem) : 0);
+    const bool full = a.vec && count == 8;
+    float pv[8], gv[8];
+    load8(a.p + e0, count, full, pv);
+    load8(a.g + e0, count, full, gv);
+    const uint2 c1a = load_codes(a.s1 + e0, count, full);
+    const uint2 c1b = kRows2 ? load_codes(a.s1 + a.n + e0, count, full) : make_uint2(0u, 0u);
+    const uint2 c2 = kTwo ? load_codes(a.s2 + e0, count, full) : make_uint2(0u, 0u);
+    const float am1a = a.am1[blk];
+    const float am1b = kRows2 ? a.am1[a.nblocks + blk] : 0.0f;
+    const float am2 = kTwo ? a.am2[blk] : 0.0f;
+    float n1a[8], n1b[8], n2[8], usq = 0.0f, psq = 0.0f;
+    decode_step8<T, K, true>(q[0], q[1], pv, gv, c1a, c1b, c2, am1a, am1b, am2, count, h, d, 1.0f, n1a, n1b, n2,
+                             usq, psq);
+    usum += usq, psum += psq;
+  }
+  write_partials(usum, psum, a.partials);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side.
+
+template <typename F>
+void dispatch_kind(Kind k, const F& f) {
+  switch (k) {
+    case kAdam: f(std::integral_constant<int, kAdam>{}); break;
+    case kAdEMAMix: f(std::integral_constant<int, kAdEMAMix>{}); break;
+    case kLion: f(std::integral_constant<int, kLion>{}); break;
+    case kMomentum: f(std::integral_constant<int, kMomentum>{}); break;
+    case kRMSprop: f(std::integral_constant<int, kRMSprop>{}); break;
+    default: f(std::integral_constant<int, kAdagrad>{}); break;
+  }
+}
+
+std::string tuple_str(at::IntArrayRef shape) {  // Python's tuple repr: (3,), (2, 3)
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", tuple_str(shape), ", got ", tuple_str(t.sizes()));
+}
+
+void check_scalar(const at::Tensor& t, const char* name, std::initializer_list<at::ScalarType> allowed,
+                  const at::Device& device) {
+  check_dtype(t, name, allowed);
+  TORCH_CHECK_VALUE(t.dim() == 0, name, " must be a 0-d tensor, got shape ", tuple_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == device || t.device().is_cpu(), name, " must be on the CPU or on p's device ",
+                    device.str(), ", got ", t.device().str());
+}
+
+void check_devices(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  const at::Tensor* first = nullptr;
+  bool same = true;
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr) continue;
+    if (first == nullptr) first = t;
+    same = same && t->device() == first->device();
+  }
+  if (same) return;
+  std::string found;
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr) continue;
+    found += (found.empty() ? "" : ", ") + std::string(name) + " on " + t->device().str();
+  }
+  TORCH_CHECK_VALUE(false, "all tensors must be on one device, got ", found);
+}
+
+// The checks of _check (both ops) in the reference's order; returns the optimizer.
+const OptimizerInfo& check_common(c10::string_view name, const at::Tensor& p, const at::Tensor& g,
+                                  const at::Tensor& state1, const std::optional<at::Tensor>& state2,
+                                  const at::Tensor& lr, const at::Tensor& step, at::ScalarType state_dtype) {
+  const OptimizerInfo& opt = find_optimizer(name);
+  check_dtype(p, "p");
+  check_dtype(g, "g", {p.scalar_type()});
+  check_dtype(state1, "state1", {state_dtype});
+  check_shape(g, "g", p.sizes());
+  std::vector<int64_t> s1_shape;
+  if (opt.rows > 1) s1_shape.push_back(opt.rows);
+  for (auto s : p.sizes()) s1_shape.push_back(s);
+  check_shape(state1, "state1", s1_shape);
+  TORCH_CHECK_VALUE(opt.state2 == state2.has_value(), "optimizer '", std::string(name), "' ",
+                    opt.state2 ? "needs a state2 tensor" : "has one state: state2 must be None");
+  if (state2.has_value()) {
+    check_dtype(*state2, "state2", {state_dtype});
+    check_shape(*state2, "state2", p.sizes());
+  }
+  check_devices({{"p", &p}, {"g", &g}, {"state1", &state1}, {"state2", state2.has_value() ? &*state2 : nullptr}});
+  check_scalar(lr, "lr", {at::kFloat, at::kDouble}, p.device());
+  check_scalar(step, "step", {at::kInt, at::kLong, at::kFloat, at::kDouble}, p.device());
+  return opt;
+}
+
+Hyper make_hyper(const OptimizerInfo& opt, const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
+                 double beta3, double alpha, double eps, double weight_decay, double gnorm_scale, double max_unorm,
+                 bool skip_zeros) {
+  Hyper h{};
+  h.beta1 = static_cast<float>(beta1), h.beta2 = static_cast<float>(beta2), h.beta3 = static_cast<float>(beta3);
+  h.alpha = static_cast<float>(alpha), h.eps = static_cast<float>(eps), h.wd = static_cast<float>(weight_decay);
+  h.gnorm = static_cast<float>(gnorm_scale), h.max_unorm = static_cast<float>(max_unorm);
+  h.omb1 = static_cast<float>(1.0 - beta1), h.omb2 = static_cast<float>(1.0 - beta2);
+  h.omb3 = static_cast<float>(1.0 - beta3);
+  h.wd_d = weight_decay;
+  const bool decay = weight_decay != 0.0;  // Python truthiness (NaN decays)
+  h.flags = (skip_zeros ? kSkipZeros : 0) | (decay && !opt.decoupled ? kL2 : 0) |
+            (decay && opt.decoupled ? kDecoupled : 0) | (max_unorm > 0.0 ? kClip : 0);
+  h.lr_double = lr.scalar_type() == at::kDouble;
+  if (lr.is_cpu()) {
+    h.lr_value = h.lr_double ? lr.item<double>() : double(lr.item<float>());
+  } else {
+    h.lr_ptr = lr.data_ptr();
+  }
+  switch (step.scalar_type()) {
+    case at::kInt: h.step_type = kStepInt32; break;
+    case at::kLong: h.step_type = kStepInt64; break;
+    case at::kFloat: h.step_type = kStepFloat32; break;
+    default: h.step_type = kStepFloat64; break;
+  }
+  if (step.is_cpu()) {
+    switch (h.step_type) {
+      case kStepInt32: h.step_value = static_cast<float>(step.item<int32_t>()); break;
+      case kStepInt64: h.step_value = static_cast<float>(step.item<int64_t>()); break;
+      case kStepFloat32: h.step_value = step.item<float>(); break;
+      default: h.step_value = static_cast<float>(step.item<double>()); break;
+    }
+  } else {
+    h.step_ptr = step.data_ptr();
+  }
+  return h;
+}
+
+// A contiguous tensor to run the kernel on: t itself, or a contiguous copy (then copied back after).
+at::Tensor work_tensor(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+void write_back(at::Tensor& t, const at::Tensor& work) {
+  if (!work.is_same(t)) t.copy_(work);
+}
+
+bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+template <auto Kernel>
+int max_grid(int threads, size_t smem) {
+  static int per_sm = [threads, smem] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, smem));
+    return n > 0 ? n : 1;
+  }();
+  return per_sm * multiprocessor_count();
+}
+
+constexpr int kMaxNormPartials = 1024;
+
+void optimizer_update_32bit_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
+                                 at::Tensor& state1, const std::optional<at::Tensor>& state2, const at::Tensor& lr,
+                                 const at::Tensor& step, double beta1, double beta2, double beta3, double alpha,
+                                 double eps, double weight_decay, double gnorm_scale, double max_unorm,
+                                 bool skip_zeros) {
+  const OptimizerInfo& opt = check_common(optimizer_name, p, g, state1, state2, lr, step, at::kFloat);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const int64_t n = p.numel();
+  if (n == 0) return;
+  Hyper h = make_hyper(opt, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm,
+                       skip_zeros);
+  at::Tensor pw = work_tensor(p), s1w = work_tensor(state1);
+  at::Tensor s2w;
+  if (state2.has_value()) s2w = work_tensor(*state2);
+  const at::Tensor gc = g.contiguous();
+  const cudaStream_t stream = current_stream();
+
+  dispatch_float(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_kind(opt.kind, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      Args32<T> a;
+      a.p = pw.data_ptr<T>();
+      a.g = gc.data_ptr<T>();
+      a.s1 = s1w.data_ptr<float>();
+      a.s2 = has_state2(K) ? s2w.data_ptr<float>() : nullptr;
+      a.n = n;
+      a.vec = aligned(a.p, 16) && aligned(a.g, 16) && aligned(a.s1, 16) && (a.s2 == nullptr || aligned(a.s2, 16)) &&
+              (state1_rows(K) == 1 || n % 4 == 0);
+      a.partials = nullptr;
+      const int64_t work = ceil_div(n, int64_t(kThreads32) * 8);
+      at::Tensor partials;
+      if (h.flags & kClip) {
+        const int grid = static_cast<int>(
+            std::min<int64_t>({work, max_grid<update32_kernel<T, K, true>>(kThreads32, 0), kMaxNormPartials}));
+        partials = at::empty({2 * grid}, p.options().dtype(at::kDouble));
+        a.partials = partials.data_ptr<double>();
+        update32_kernel<T, K, true><<<grid, kThreads32, 0, stream>>>(a, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        h.partials = a.partials;
+        h.npartials = grid;
+      }
+      const int grid =
+          static_cast<int>(std::min<int64_t>(work, 4 * int64_t(max_grid<update32_kernel<T, K, false>>(kThreads32, 0))));
+      update32_kernel<T, K, false><<<grid, kThreads32, 0, stream>>>(a, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  write_back(p, pw);
+  write_back(state1, s1w);
+  if (state2.has_value()) {
+    at::Tensor s2 = *state2;
+    write_back(s2, s2w);
+  }
+}
+
+void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
+                                          at::Tensor& state1, const std::optional<at::Tensor>& state2,
+                                          at::Tensor& absmax1, const std::optional<at::Tensor>& absmax2,
+                                          const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2,
+                                          const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
+                                          double beta3, double alpha, double eps, double weight_decay,
+                                          double gnorm_scale, double max_unorm, bool skip_zeros) {
+  const OptimizerInfo& opt = check_common(optimizer_name, p, g, state1, state2, lr, step, at::kByte);
+  // _check_8bit
+  const int64_t n = p.numel();
+  const int64_t nblocks = ceil_div(n, kBlock8);
+  check_dtype(absmax1, "absmax1", {at::kFloat});
+  const std::string what1 = std::to_string(opt.rows) + " x " + std::to_string(nblocks) + " blocks of 256";
+  check_numel(absmax1, "absmax1", opt.rows * nblocks, what1.c_str());
+  check_code(qmap1, "qmap1");
+  TORCH_CHECK_VALUE(absmax2.has_value() == state2.has_value(),
+                    "absmax2 must be given exactly when state2 is (optimizer with two states)");
+  TORCH_CHECK_VALUE(qmap2.has_value() == state2.has_value(),
+                    "qmap2 must be given exactly when state2 is (optimizer with two states)");
+  if (absmax2.has_value()) {
+    check_dtype(*absmax2, "absmax2", {at::kFloat});
+    check_numel(*absmax2, "absmax2", nblocks, "one per block of 256");
+    check_code(*qmap2, "qmap2");
+  }
+  check_devices({{"p", &p},
+                 {"absmax1", &absmax1},
+                 {"absmax2", absmax2.has_value() ? &*absmax2 : nullptr},
+                 {"qmap1", &qmap1},
+                 {"qmap2", qmap2.has_value() ? &*qmap2 : nullptr}});
+  const c10::cuda::CUDAGuard guard(p.device());
+  if (n == 0) return;
+  Hyper h = make_hyper(opt, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm,
+                       skip_zeros);
+  at::Tensor pw = work_tensor(p), s1w = work_tensor(state1), am1w = work_tensor(absmax1);
+  at::Tensor s2w, am2w, q2c;
+  if (state2.has_value()) s2w = work_tensor(*state2), am2w = work_tensor(*absmax2), q2c = qmap2->contiguous();
+  const at::Tensor gc = g.contiguous();
+  const at::Tensor q1c = qmap1.contiguous();
+  const cudaStream_t stream = current_stream();
+  const char* search = std::getenv("TORCHLOWBIT_OPTIM_SEARCH");  // debugging and benchmarks: "tree"
+  const bool force_tree = search != nullptr && std::string(search) == "tree";
+  const char* staging = std::getenv("TORCHLOWBIT_OPTIM_STAGE");  // benchmarks: "1" stages through cp.async
+  const bool stage = staging != nullptr && std::string(staging) == "1";
+
+  dispatch_float(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_kind(opt.kind, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      Args8<T> a;
+      a.p = pw.data_ptr<T>();
+      a.g = gc.data_ptr<T>();
+      a.s1 = s1w.data_ptr<uint8_t>();
+      a.s2 = has_state2(K) ? s2w.data_ptr<uint8_t>() : nullptr;
+      a.am1 = am1w.data_ptr<float>();
+      a.am2 = has_state2(K) ? am2w.data_ptr<float>() : nullptr;
+      a.q1 = q1c.data_ptr<float>();
+      a.q2 = has_state2(K) ? q2c.data_ptr<float>() : nullptr;
+      a.n = n;
+      a.nblocks = nblocks;
+      a.vec = aligned(a.p, 16) && aligned(a.g, 16) && aligned(a.s1, 8) && (a.s2 == nullptr || aligned(a.s2, 8)) &&
+              (state1_rows(K) == 1 || n % 8 == 0);
+      a.force_tree = force_tree;
+      a.stage = stage;
+      a.partials = nullptr;
+      at::Tensor partials;
+      if (h.flags & kClip) {
+        const int grid = static_cast<int>(std::min<int64_t>(
+            {ceil_div(nblocks, kNormThreads8 / 32), max_grid<norm8_kernel<T, K>>(kNormThreads8, 0), kMaxNormPartials}));
+        partials = at::empty({2 * grid}, p.options().dtype(at::kDouble));
+        a.partials = partials.data_ptr<double>();
+        norm8_kernel<T, K><<<grid, kNormThreads8, 0, stream>>>(a, h);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        h.partials = a.partials;
+        h.npartials = grid;
+      }
+      // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
+      // threads (1024, 768 or 512) as the tables plus two stages allow.
+      const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
+      const int device = p.get_device();
+      int threads = 512;
+      size_t smem = tables;
+      if (stage) {
+        int optin = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        threads = kMaxThreads8;
+        while (threads > 256 && tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>() > size_t(optin))
+          threads -= 256;
+        smem = tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>();
+      }
+      static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
+      if (device >= 64 || attribute_set[device] < smem) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+        if (device < 64) attribute_set[device] = smem;
+      }
+      static int ctas_per_sm[2] = {0, 0};  // [stage]: for this kernel's fixed configurations
+      if (ctas_per_sm[stage] == 0) {
+        int n = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, threads, smem));
+        ctas_per_sm[stage] = n > 0 ? n : 1;
+      }
+      const int grid = static_cast<int>(
+          std::min<int64_t>(ceil_div(nblocks, threads / 32), int64_t(ctas_per_sm[stage]) * multiprocessor_count()));
+      update8_kernel<T, K><<<grid, threads, smem, stream>>>(a, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  write_back(p, pw);
+  write_back(state1, s1w);
+  write_back(absmax1, am1w);
+  if (state2.has_value()) {
+    at::Tensor s2 = *state2, a2 = *absmax2;
+    write_back(s2, s2w);
+    write_back(a2, am2w);
+  }
+}
+
+}  // namespace
+}  // namespace lowbit
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("optimizer_update_32bit", TORCH_FN(lowbit::optimizer_update_32bit_cuda));
+  m.impl("optimizer_update_8bit_blockwise", TORCH_FN(lowbit::optimizer_update_8bit_blockwise_cuda));
+}
