@@ -1,4 +1,9 @@
-"""``lowbit::gemm_4bit``: ``A @ dequantize(B).T + bias`` for a packed 4-bit ``(out, in)`` weight."""
+"""``lowbit::gemm_4bit``: ``A @ dequantize(B).T + bias`` for a packed 4-bit ``(out, in)`` weight.
+
+Accuracy contract: products accumulate in float32; a kernel may round the dequantized weight to A's
+dtype first (the CUDA kernels do for 16-bit A), so the error is within ``eps(A.dtype) * |A| @ |W|.T``
+plus the rounding of the output. The reference computes in float32 throughout.
+"""
 
 import math
 
