@@ -17,7 +17,9 @@ from .registry import register_fake, register_reference
 def _check(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
            nested_blocksize):  # fmt: skip
     check_dtype(A, "A")
-    check_packed(B, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    check_packed(
+        B, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset, nested_blocksize, "B"
+    )
     if len(shape) != 2:
         raise ValueError(f"shape must be the 2-d (out_features, in_features) of the weight, got {list(shape)}")
     if A.dim() == 0 or A.shape[-1] != shape[1]:

@@ -36,10 +36,10 @@ def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str, quant_stor
 
 def check_packed(
     A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape, nested_absmax, nested_code,
-    nested_offset, nested_blocksize: int,
+    nested_offset, nested_blocksize: int, name: str = "A",
 ) -> None:  # fmt: skip
-    """Checks of a packed weight with its (possibly double-quantized) absmax, as read by the 4-bit ops."""
-    check_dtype(A, "A", QUANT_STORAGE_DTYPES)
+    """Checks of a packed weight (argument ``name``) with its (possibly double-quantized) absmax."""
+    check_dtype(A, name, QUANT_STORAGE_DTYPES)
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     if any(not isinstance(s, torch.SymInt) and s < 0 for s in shape):
@@ -48,12 +48,12 @@ def check_packed(
     expected = packed_count(numel, A.dtype) * A.dtype.itemsize
     if A.numel() * A.dtype.itemsize != expected:
         raise ValueError(
-            f"A must hold {expected} bytes of packed codes for shape {list(shape)}, "
+            f"{name} must hold {expected} bytes of packed codes for shape {list(shape)}, "
             f"got {A.numel() * A.dtype.itemsize}"
         )
     check_numel(absmax, "absmax", blockwise.num_blocks(numel, blocksize), f"one per block of {blocksize}")
     check_same_device(
-        A=A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset
+        **{name: A}, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset
     )
     if not (nested_absmax is None) == (nested_code is None) == (nested_offset is None):
         raise ValueError(
