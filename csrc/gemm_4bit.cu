@@ -25,6 +25,7 @@
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
 // kernel runs, in launches of 32) and TORCHLOWBIT_GEMM4BIT_WR (warps along rows of a CTA: 1, 2, 4, 8).
 #include "lowbit_quantize.h"
+#include "packed_4bit.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -590,8 +591,6 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
   return true;
 }
 
-int64_t packed_count_4bit(int64_t numel, int64_t itemsize) { return ceil_div(ceil_div(numel, 2), itemsize); }
-
 // ---------------------------------------------------------------------------------------------------
 // The op.
 
@@ -603,45 +602,10 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
   const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
   // Checks in the reference's order (torchlowbit/ops/gemm_4bit.py, quantize_4bit.check_packed).
   check_dtype(A, "A");
-  check_dtype(B, "B", kStorageDtypes);
-  const int log2_block = log2_blocksize(blocksize);
-  const int fp4 = parse_quant_type(quant_type);
-  int64_t numel = 1;
-  for (const int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 0, "shape must have non-negative sizes, got ", shape_str(shape));
-    numel *= s;
-  }
-  const int64_t itemsize = B.element_size();
-  const int64_t expected = packed_count_4bit(numel, itemsize) * itemsize;
-  TORCH_CHECK_VALUE(B.numel() * itemsize == expected, "B must hold ", num(expected),
-                    " bytes of packed codes for shape ", shape_str(shape), ", got ", num(B.numel() * itemsize));
-  const int64_t nblocks = ceil_div(numel, blocksize);
-  TORCH_CHECK_VALUE(absmax.numel() == nblocks, "absmax must have ", num(nblocks), " elements (one per block of ",
-                    num(blocksize), "), got ", num(absmax.numel()));
-  check_same_device(B, "B", absmax, "absmax");
-  if (nested_absmax.has_value()) check_same_device(B, "B", *nested_absmax, "nested_absmax");
-  if (nested_code.has_value()) check_same_device(B, "B", *nested_code, "nested_code");
-  if (nested_offset.has_value()) check_same_device(B, "B", *nested_offset, "nested_offset");
-  TORCH_CHECK_VALUE(nested_absmax.has_value() == nested_code.has_value() &&
-                        nested_absmax.has_value() == nested_offset.has_value(),
-                    "nested_absmax, nested_code and nested_offset must be given together (double quantization) "
-                    "or not at all");
-  const bool nested = nested_absmax.has_value();
-  int log2_nested = 0;
-  if (nested) {
-    check_dtype(absmax, "absmax", {at::kByte});
-    check_dtype(*nested_absmax, "nested_absmax", {at::kFloat});
-    check_code(*nested_code, "nested_code");
-    check_dtype(*nested_offset, "nested_offset", {at::kFloat});
-    check_numel(*nested_offset, "nested_offset", 1, "the mean subtracted before double quantization");
-    log2_nested = log2_blocksize(nested_blocksize, "nested_blocksize");
-    const int64_t nested_blocks = ceil_div(absmax.numel(), nested_blocksize);
-    TORCH_CHECK_VALUE(nested_absmax->numel() == nested_blocks, "nested_absmax must have ", num(nested_blocks),
-                      " elements (one per block of ", num(nested_blocksize), " absmax codes), got ",
-                      num(nested_absmax->numel()));
-  } else {
-    check_dtype(absmax, "absmax", {at::kFloat});
-  }
+  const Packed4bit layout = check_packed_4bit(B, "B", absmax, blocksize, quant_type, shape, nested_absmax,
+                                              nested_code, nested_offset, nested_blocksize);
+  const int log2_block = layout.log2_block, fp4 = layout.fp4, log2_nested = layout.log2_nested;
+  const bool nested = layout.nested;
   TORCH_CHECK_VALUE(shape.size() == 2, "shape must be the 2-d (out_features, in_features) of the weight, got ",
                     shape_str(shape));
   const int64_t N = shape[0], K = shape[1];

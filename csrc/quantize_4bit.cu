@@ -2,6 +2,7 @@
 // first element in the high nibble; the packed buffer padded with the code of 0.0), bit-identical to
 // torchlowbit/ops/quantize_4bit.py.
 #include "lowbit_quantize.h"
+#include "packed_4bit.h"
 
 #include <torch/library.h>
 
@@ -112,8 +113,6 @@ void launch_dequantize_4bit(const uint8_t* packed, int64_t n, int log2_block, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int64_t packed_count(int64_t numel, int64_t itemsize) { return ceil_div(ceil_div(numel, 2), itemsize); }
-
 // ---------------------------------------------------------------------------------------------------
 // Ops.
 
@@ -153,46 +152,11 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
   const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  check_dtype(A, "A", kStorageDtypes);
-  const int log2_block = log2_blocksize(blocksize);
-  const int fp4 = parse_quant_type(quant_type);
-  int64_t numel = 1;
-  for (const int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 0, "shape must have non-negative sizes, got ", shape_str(shape));
-    numel *= s;
-  }
-  const int64_t itemsize = A.element_size();
-  const int64_t expected = packed_count(numel, itemsize) * itemsize;
-  TORCH_CHECK_VALUE(A.numel() * itemsize == expected, "A must hold ", num(expected),
-                    " bytes of packed codes for shape ", shape_str(shape), ", got ", num(A.numel() * itemsize));
-  const int64_t nblocks = ceil_div(numel, blocksize);
-  TORCH_CHECK_VALUE(absmax.numel() == nblocks, "absmax must have ", num(nblocks), " elements (one per block of ",
-                    num(blocksize), "), got ", num(absmax.numel()));
-  check_same_device(A, "A", absmax, "absmax");
-  if (nested_absmax.has_value()) check_same_device(A, "A", *nested_absmax, "nested_absmax");
-  if (nested_code.has_value()) check_same_device(A, "A", *nested_code, "nested_code");
-  if (nested_offset.has_value()) check_same_device(A, "A", *nested_offset, "nested_offset");
-  TORCH_CHECK_VALUE(nested_absmax.has_value() == nested_code.has_value() &&
-                        nested_absmax.has_value() == nested_offset.has_value(),
-                    "nested_absmax, nested_code and nested_offset must be given together (double quantization) "
-                    "or not at all");
-  const bool nested = nested_absmax.has_value();
-  int log2_nested = 0;
-  if (nested) {
-    check_dtype(absmax, "absmax", {at::kByte});
-    check_dtype(*nested_absmax, "nested_absmax", {at::kFloat});
-    check_code(*nested_code, "nested_code");
-    check_dtype(*nested_offset, "nested_offset", {at::kFloat});
-    TORCH_CHECK_VALUE(nested_offset->numel() == 1, "nested_offset must have 1 element, got ",
-                      num(nested_offset->numel()));
-    log2_nested = log2_blocksize(nested_blocksize, "nested_blocksize");
-    const int64_t nested_blocks = ceil_div(absmax.numel(), nested_blocksize);
-    TORCH_CHECK_VALUE(nested_absmax->numel() == nested_blocks, "nested_absmax must have ", num(nested_blocks),
-                      " elements (one per block of ", num(nested_blocksize), " absmax codes), got ",
-                      num(nested_absmax->numel()));
-  } else {
-    check_dtype(absmax, "absmax", {at::kFloat});
-  }
+  const Packed4bit layout = check_packed_4bit(A, "A", absmax, blocksize, quant_type, shape, nested_absmax,
+                                              nested_code, nested_offset, nested_blocksize);
+  const int64_t numel = layout.numel;
+  const int log2_block = layout.log2_block, fp4 = layout.fp4, log2_nested = layout.log2_nested;
+  const bool nested = layout.nested;
   check_dtype_arg(dtype, "dtype");
   const c10::cuda::CUDAGuard guard(A.device());
 
