@@ -13,11 +13,11 @@ bandwidth.
 
 import argparse
 import json
-import math
 import statistics
 
 import torch
 import torch.nn.functional as F
+from timing import copies_for, copy_bandwidth, time_ms
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit import codebooks
@@ -37,14 +37,6 @@ SHAPES = [  # (in, out, rows)
 SWEEP_ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 BLOCKSIZE = 64
 SMALL_M = 32  # rows up to which the bandwidth column is shown
-
-
-def l2_bytes():
-    return torch.cuda.get_device_properties(0).L2_cache_size
-
-
-def copies_for(nbytes):
-    return max(1, math.ceil(4 * l2_bytes() / max(nbytes, 1)))
 
 
 def time_graph(fn, inputs, reps, calls_per_graph=None):
@@ -75,32 +67,6 @@ def time_graph(fn, inputs, reps, calls_per_graph=None):
         times.append(start.elapsed_time(end) / calls)
     del graph
     return statistics.median(times)
-
-
-def time_eager(fn, inputs, reps, warmup=5):
-    """Median ms of single eager calls fn(*inputs[i % n]), an event pair around each."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        args = inputs[i % len(inputs)]
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth(reps):
-    """TB/s of a 1 GiB device-to-device copy (read + write)."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = time_eager(lambda: dst.copy_(src), [()], reps)
-    return 2 * n / ms / 1e9
 
 
 class Layer:
@@ -147,11 +113,11 @@ def bnb_linear(A, layer):
 
 def measure(fn, inputs, reps, eager):
     try:
-        return time_eager(fn, inputs, reps) if eager else time_graph(fn, inputs, reps)
+        return time_ms(fn, inputs, reps) if eager else time_graph(fn, inputs, reps)
     except Exception as error:  # noqa: BLE001  (e.g. a third-party kernel that cannot be captured)
         print(f"  timing failed ({error}); eager instead")
         torch.cuda.synchronize()
-        return time_eager(fn, inputs, reps)
+        return time_ms(fn, inputs, reps)
 
 
 def check_close(A, layer):

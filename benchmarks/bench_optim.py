@@ -21,9 +21,9 @@ fraction of 8-bit codes that differ.
 import argparse
 import json
 import os
-import statistics
 
 import torch
+from timing import copy_bandwidth, time_ms
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit.codebooks import create_dynamic_map
@@ -41,32 +41,6 @@ EPS = 1e-8
 WEIGHT_DECAY = 0.01
 LR = 1e-3
 FLOOR_BYTES = 16  # bytes per parameter of an 8-bit Adam step: the floor DESIGN.md names
-
-
-def time_ms(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth(reps):
-    """TB/s of a 2 GiB device-to-device copy, counting bytes read and written."""
-    n = 2 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    buffers = [src, torch.empty_like(src)]
-    ms = time_ms(lambda: buffers[1].copy_(buffers[0]), reps)
-    buffers.clear()
-    torch.cuda.empty_cache()
-    return 2 * n / ms / 1e9
 
 
 class States8:
@@ -100,7 +74,7 @@ def lowbit_steps(params, grads, reps, graph_too):
         for p, g, m, v in zip(params, grads, m32, v32, strict=True):
             ops.optimizer_update_32bit("adam", p, g, m, v, lr, step, *hyper)
 
-    rows.append(("lowbit adam 32-bit (ops)", 28, time_ms(adam32, reps)))
+    rows.append(("lowbit adam 32-bit (ops)", 28, time_ms(adam32, reps=reps)))
     m32.clear(), v32.clear()
     torch.cuda.empty_cache()
 
@@ -111,16 +85,16 @@ def lowbit_steps(params, grads, reps, graph_too):
             for p, g, st in zip(params, grads, states, strict=True):
                 ops.optimizer_update_8bit_blockwise(name, p, g, *st.args(), lr, step, *hyper)
 
-        rows.append((f"lowbit {name} 8-bit (ops)", nbytes, time_ms(step8, reps)))
+        rows.append((f"lowbit {name} 8-bit (ops)", nbytes, time_ms(step8, reps=reps)))
         os.environ["TORCHLOWBIT_OPTIM_STAGE"] = "1"
         try:
-            rows.append((f"lowbit {name} 8-bit, cp.async staging (ops)", nbytes, time_ms(step8, reps)))
+            rows.append((f"lowbit {name} 8-bit, cp.async staging (ops)", nbytes, time_ms(step8, reps=reps)))
         finally:
             del os.environ["TORCHLOWBIT_OPTIM_STAGE"]
         if name == "adam":
             os.environ["TORCHLOWBIT_OPTIM_SEARCH"] = "tree"
             try:
-                rows.append(("lowbit adam 8-bit, fallback search (ops)", nbytes, time_ms(step8, reps)))
+                rows.append(("lowbit adam 8-bit, fallback search (ops)", nbytes, time_ms(step8, reps=reps)))
             finally:
                 del os.environ["TORCHLOWBIT_OPTIM_SEARCH"]
             if graph_too:
@@ -130,7 +104,7 @@ def lowbit_steps(params, grads, reps, graph_too):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     step8(lr=lr_dev, step=step_dev)
-                rows.append(("lowbit adam 8-bit (ops, CUDA graph)", nbytes, time_ms(graph.replay, reps)))
+                rows.append(("lowbit adam 8-bit (ops, CUDA graph)", nbytes, time_ms(graph.replay, reps=reps)))
                 del graph
         states.clear()
         torch.cuda.empty_cache()
@@ -170,7 +144,7 @@ def optimizer_steps(params, grads, reps):
     for label, nbytes, make in candidates:
         try:
             optimizer = make()
-            rows.append((label, nbytes, time_ms(optimizer.step, reps)))
+            rows.append((label, nbytes, time_ms(optimizer.step, reps=reps)))
         except Exception as error:  # noqa: BLE001  (a benchmark row, not a test)
             print(f"{label}: skipped ({type(error).__name__}: {error})")
         optimizer = None

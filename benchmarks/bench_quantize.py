@@ -11,9 +11,9 @@ read once, outputs written once) against a device-to-device copy measured in the
 import argparse
 import json
 import math
-import statistics
 
 import torch
+from timing import copies_for, copy_bandwidth, fill_bandwidth, time_ms
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit import codebooks
@@ -29,38 +29,6 @@ except Exception:  # noqa: BLE001
 SHAPES = [(15360, 15360), (4096, 4096)]  # 235.9M elements (as DESIGN.md's anchor), one 4096x4096 weight
 BLOCKSIZE_4BIT = 64
 BLOCKSIZE_8BIT = 4096
-
-
-def time_ms(fn, inputs, reps, warmup=5):
-    """Median milliseconds of fn(*inputs[i % len(inputs)]) by CUDA events."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        args = inputs[i % len(inputs)]
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copies_for(nbytes):
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, math.ceil(4 * l2 / max(nbytes, 1)))
-
-
-def copy_bandwidth(reps):
-    """TB/s of a 1 GiB device-to-device copy (read + write) and of a 1 GiB fill (write only)."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), [()], reps)
-    fill_ms = time_ms(lambda: dst.fill_(7), [()], reps)
-    return 2 * n / copy_ms / 1e9, n / fill_ms / 1e9
 
 
 def cases(shape):
@@ -151,7 +119,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, extension: {CUDA_EXTENSION_STATUS}")
     if CUDA_REFERENCE_OPS:
         print(f"ops running the reference kernel on CUDA: {CUDA_REFERENCE_OPS}")
-    copy_tbps, fill_tbps = copy_bandwidth(args.reps)
+    copy_tbps, fill_tbps = copy_bandwidth(args.reps), fill_bandwidth(args.reps)
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); fill: {fill_tbps:.2f} TB/s (write only)")
 
     rows = []
