@@ -1,0 +1,198 @@
+"""torch.compile (fullgraph, training, dynamic shapes), torch.export and AOTInductor of the quantized modules."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torchlowbit as bnb
+
+
+class Block(nn.Module):
+    """A small transformer-style block built from the quantized modules."""
+
+    def __init__(self, dim=64, vocab=100, linear=None):
+        super().__init__()
+        self.embed = bnb.nn.EmbeddingNF4(vocab, dim)
+        self.qkv = bnb.nn.Linear4bit(dim, 3 * dim, quant_type="nf4")
+        self.proj = bnb.nn.LinearFP4(dim, dim, compress_statistics=False, quant_storage=torch.bfloat16)
+        self.up = bnb.nn.Linear8bitLt(dim, 4 * dim, has_fp16_weights=False, threshold=6.0)
+        self.down = bnb.nn.Linear8bitLt(4 * dim, dim, has_fp16_weights=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = h + self.proj(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return h + self.down(nn.functional.gelu(self.up(h)))
+
+
+def _block(device):
+    torch.manual_seed(0)
+    return Block().to(device).eval()
+
+
+def _tokens(device, batch=2, seq=8):
+    return torch.randint(0, 100, (batch, seq), device=device)
+
+
+LAYERS = {
+    "nf4-nested": lambda: bnb.nn.Linear4bit(64, 32, quant_type="nf4"),
+    "fp4-plain-bf16storage": lambda: bnb.nn.Linear4bit(64, 32, quant_type="fp4", compress_statistics=False,
+                                                       quant_storage=torch.bfloat16),
+    "int8-t0": lambda: bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False),
+    "int8-t6": lambda: bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0),
+    "int8-fp16-weights": lambda: bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fullgraph_inference_has_no_graph_breaks(device, name):
+    torch.manual_seed(0)
+    layer = LAYERS[name]().to(device)
+    x = torch.randn(3, 5, 64, device=device)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_compiles_fullgraph(device):
+    block = _block(device)
+    tokens = _tokens(device)
+    assert torch._dynamo.explain(block)(tokens).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(block, fullgraph=True)(tokens), block(tokens), rtol=1e-5, atol=1e-5)
+
+
+class QLoRA(nn.Module):
+    """A frozen NF4 base with a trainable low-rank adapter."""
+
+    def __init__(self, base: nn.Module, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_b.weight, std=0.02)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_qlora_training_matches_eager(device, checkpointed):
+    torch.manual_seed(0)
+    model = QLoRA(bnb.nn.Linear4bit(64, 32, quant_type="nf4")).to(device)
+
+    def loss_fn(m, x):
+        out = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False) if checkpointed else m(x)
+        return out.square().mean()
+
+    x = torch.randn(6, 64, device=device, requires_grad=True)
+    eager = loss_fn(model, x)
+    eager.backward()
+    expected = [p.grad.clone() for p in (model.lora_a.weight, model.lora_b.weight)] + [x.grad.clone()]
+    for p in (model.lora_a.weight, model.lora_b.weight, x):
+        p.grad = None
+    compiled = torch.compile(loss_fn, fullgraph=True)(model, x)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip([model.lora_a.weight.grad, model.lora_b.weight.grad, x.grad], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert model.base.weight.grad is None
+
+
+def test_compiled_int8_training_matches_eager(device):
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True, threshold=3.0).to(device)
+    x = torch.randn(6, 64, device=device)
+    layer(x).square().mean().backward()
+    expected = (layer.weight.grad.clone(), layer.bias.grad.clone())
+    layer.zero_grad()
+    torch.compile(lambda m, x: m(x).square().mean(), fullgraph=True)(layer, x).backward()
+    torch.testing.assert_close((layer.weight.grad, layer.bias.grad), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_shapes_compile_once(device):
+    block = _block(device)
+    frames = {"count": 0}
+
+    def backend(gm, example_inputs):
+        frames["count"] += 1
+        return gm
+
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    for batch, seq in [(2, 8), (3, 5), (5, 17), (4, 9)]:  # sizes >= 2: torch specializes 0 and 1
+        tokens = _tokens(device, batch, seq)
+        torch.testing.assert_close(compiled(tokens), block(tokens), rtol=1e-5, atol=1e-5)
+    assert frames["count"] == 1
+
+
+def _lowbit_calls(program) -> set[str]:
+    return {str(n.target) for n in program.graph.nodes if n.op == "call_function" and "lowbit" in str(n.target)}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_calls_the_lowbit_ops(device, strict):
+    block = _block(device)
+    tokens = _tokens(device)
+    batch = torch.export.Dim("batch", min=1, max=32)
+    program = torch.export.export(block, (tokens,), dynamic_shapes=({0: batch},), strict=strict)
+    assert {"lowbit.gemm_4bit.default", "lowbit.int8_mixed_linear.default", "lowbit.dequantize_4bit.default"} <= (
+        _lowbit_calls(program)
+    )
+    other = _tokens(device, batch=5)
+    torch.testing.assert_close(program.module()(other), block(other), rtol=1e-5, atol=1e-5)
+
+
+def test_exported_program_runs_in_a_fresh_process(tmp_path, device):
+    block = _block(device)
+    tokens = _tokens(device)
+    program = torch.export.export(block, (tokens,))
+    torch.export.save(program, tmp_path / "block.pt2")
+    torch.save({"tokens": tokens.cpu(), "expected": block(tokens).cpu()}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        import torchlowbit  # noqa: F401  (the only import the program needs)
+        program = torch.export.load({str(tmp_path / "block.pt2")!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        out = program.module()(io["tokens"].to({device!r})).cpu()
+        torch.testing.assert_close(out, io["expected"], rtol=1e-5, atol=1e-5)
+        print("fresh process ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fresh process ok" in result.stdout
+
+
+def test_aot_inductor_package(tmp_path, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb.nn.Linear4bit(64, 128, quant_type="nf4"), nn.GELU(),
+                          bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)).to(device).eval()  # fmt: skip
+    x = torch.randn(4, 64, device=device)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    other = torch.randn(9, 64, device=device)
+    torch.testing.assert_close(runner(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_traces_under_fake_tensor_mode_and_meta():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    block = _block("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = block(mode.from_tensor(_tokens("cpu")))
+    assert out.shape == (2, 8, 64)
+    with torch.device("meta"):
+        meta_block = Block()
+    assert meta_block(_tokens("meta")).shape == (2, 8, 64)
+
+
+def test_compiling_an_unquantized_weight_names_the_module():
+    layer = bnb.nn.Linear4bit(64, 32)
+    layer.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    with pytest.raises(Exception, match="Linear4bit.weight must be a Params4bit"):
+        torch.compile(layer, fullgraph=True)(torch.randn(2, 64))
