@@ -168,8 +168,9 @@ def test_exported_program_runs_in_a_fresh_process(tmp_path, device):
 
 def test_aot_inductor_package(tmp_path, device):
     torch.manual_seed(0)
-    model = nn.Sequential(bnb.nn.Linear4bit(64, 128, quant_type="nf4"), nn.GELU(),
-                          bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0)).to(device).eval()  # fmt: skip
+    layers = (bnb.nn.Linear4bit(64, 128, quant_type="nf4"), nn.GELU(),
+              bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0))  # fmt: skip
+    model = nn.Sequential(*layers).to(device).eval()
     x = torch.randn(4, 64, device=device)
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)

@@ -250,7 +250,7 @@ def test_state_dict_layout(device, quant_type, compress_statistics, quant_storag
         assert info["nested_offset"] == pytest.approx(layer.weight.quant_state.offset.item())
         dyn = sd["weight.nested_quant_map"].cpu()
         assert torch.all(dyn[1:] >= dyn[:-1]) and int((dyn == 0).sum()) == 1
-        assert dyn[-1] == 1.0 and dyn[0] == pytest.approx(-0.99297, abs=1e-5)
+        assert dyn[-1].item() == 1.0 and dyn[0].item() == pytest.approx(-0.99297, abs=1e-5)
     else:
         assert set(info) == {"quant_type", "blocksize", "dtype", "shape"}
 
