@@ -5,20 +5,10 @@ import math
 
 import pytest
 import torch
+from helpers import FP4, NF4
 
 from torchlowbit import codebooks
 from torchlowbit import functional as F
-
-# DESIGN.md, "Formats": NF4 (index = nibble value)
-NF4_DESIGN = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]  # fmt: skip
-# DESIGN.md: FP4 raw magnitudes of codes 0..7, divided by 12; codes 8..15 are the negatives
-FP4_RAW = [0, 0.0625, 8, 12, 4, 6, 2, 3]
-FP4_DESIGN = [m / 12 for m in FP4_RAW] + [-m / 12 for m in FP4_RAW]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -104,8 +94,8 @@ def _original_linear_map(signed=True, total_bits=8, add_zero=True):
 def test_nf4_table_is_design_value():
     table = F.get_4bit_type("nf4")
     assert table.dtype == torch.float32 and table.shape == (16,)
-    assert torch.equal(table, torch.tensor(NF4_DESIGN, dtype=torch.float32))
-    assert list(codebooks.NF4_CODE) == NF4_DESIGN
+    assert torch.equal(table, torch.tensor(NF4, dtype=torch.float32))
+    assert list(codebooks.NF4_CODE) == NF4
     # sorted, with exactly one zero at index 7, from -1 to 1
     assert table.tolist() == sorted(table.tolist()) and table[7].item() == 0.0 and (table == 0).sum() == 1
 
@@ -113,11 +103,11 @@ def test_nf4_table_is_design_value():
 def test_fp4_table_is_design_value():
     table = F.get_4bit_type("fp4")
     assert table.dtype == torch.float32 and table.shape == (16,)
-    assert torch.equal(table, torch.tensor(FP4_DESIGN, dtype=torch.float32))
+    assert torch.equal(table, torch.tensor(FP4, dtype=torch.float32))
     # bit 3 is the sign: codes 8..15 are the negatives of codes 0..7; the largest magnitude (code 3) is 1.0
     assert torch.equal(table[8:], -table[:8])
     assert table[3].item() == 1.0 and table.abs().max().item() == 1.0
-    assert list(codebooks.FP4_CODE) == FP4_DESIGN
+    assert list(codebooks.FP4_CODE) == FP4
 
 
 def test_create_normal_map_gives_nf4():
@@ -126,7 +116,7 @@ def test_create_normal_map_gives_nf4():
     nonzero = normal[normal != 0]
     assert nonzero.numel() == 15 and (normal == 0).sum() == 241
     values = torch.cat([nonzero, torch.zeros(1)]).sort().values
-    difference = (values.double() - torch.tensor(NF4_DESIGN, dtype=torch.float64)).abs().max().item()
+    difference = (values.double() - torch.tensor(NF4, dtype=torch.float64)).abs().max().item()
     assert difference == 0.0, f"create_normal_map differs from the NF4 table by up to {difference}"
     assert torch.equal(values, F.get_4bit_type("nf4"))
 
@@ -253,7 +243,7 @@ def test_fp4_is_not_the_fp8_constructor_with_two_exponent_bits():
     small = F.create_fp8_map(signed=True, exponent_bits=2, precision_bits=1, total_bits=4)
     positive = sorted(set(v for v in small.tolist() if v > 0))
     assert positive[0] == pytest.approx(0.125 / 6, rel=1e-6)
-    assert FP4_DESIGN[1] == pytest.approx(0.0625 / 12)
+    assert FP4[1] == pytest.approx(0.0625 / 12)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import CODES, FLOAT_DTYPES, FP4, NF4, randn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,22 +13,8 @@ import torchlowbit as bnb
 from torchlowbit import functional as F
 from torchlowbit.functional import QuantState
 
-NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]  # fmt: skip
-FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4 = [m / 12 for m in FP4_MAGNITUDES] + [-m / 12 for m in FP4_MAGNITUDES]
-CODES = {"nf4": NF4, "fp4": FP4}
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def _randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
 
 
 def _randint8(shape, device="cpu", seed=0):
@@ -48,7 +35,7 @@ BLOCKS = math.ceil(OUT_FEATURES * IN_FEATURES / 64)  # 938
 
 
 def _linear4bit_weight(compress_statistics, dtype=torch.float16, quant_storage=torch.uint8, quant_type="nf4"):
-    W = _randn((OUT_FEATURES, IN_FEATURES), dtype, seed=1, scale=0.05)
+    W = randn((OUT_FEATURES, IN_FEATURES), dtype, seed=1, scale=0.05)
     packed, state = F.quantize_4bit(
         W, blocksize=64, compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
     )
@@ -253,7 +240,7 @@ def _nibbles(packed: torch.Tensor, numel: int) -> list[int]:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape, blocksize", [((4, 40), 64), ((3, 7), 32), ((8, 64), 128)])
 def test_quantize_4bit_bytes_from_format_facts(device, quant_type, shape, blocksize):
-    W = _randn(shape, torch.float32, device, seed=2)
+    W = randn(shape, torch.float32, device, seed=2)
     W.view(-1)[5] = 0.0
     packed, state = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type)
     values = W.cpu().view(-1).tolist()
@@ -271,7 +258,7 @@ def test_quantize_4bit_bytes_from_format_facts(device, quant_type, shape, blocks
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_odd_length_padding_nibble_matches_bitsandbytes(device, quant_type):
-    W = _randn((3, 7), torch.float32, device, seed=8)
+    W = randn((3, 7), torch.float32, device, seed=8)
     packed, _ = F.quantize_4bit(W, blocksize=32, quant_type=quant_type)
     zero_code = CODES[quant_type].index(0.0)
     assert packed.view(-1)[-1].item() & 0xF == zero_code
@@ -280,7 +267,7 @@ def test_odd_length_padding_nibble_matches_bitsandbytes(device, quant_type):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_dequantize_4bit_is_code_times_absmax(device, quant_type, dtype):
-    W = _randn((6, 50), dtype, device, seed=3)
+    W = randn((6, 50), dtype, device, seed=3)
     packed, state = F.quantize_4bit(W, blocksize=32, quant_type=quant_type)
     out = F.dequantize_4bit(packed, state)
     assert out.shape == W.shape and out.dtype == dtype
@@ -297,7 +284,7 @@ def test_dequantize_4bit_is_code_times_absmax(device, quant_type, dtype):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_dequantize_4bit_nested_decodes_absmax(device, quant_type):
-    W = _randn((64, 80), torch.float32, device, seed=4)
+    W = randn((64, 80), torch.float32, device, seed=4)
     packed, state = F.quantize_4bit(W, blocksize=32, quant_type=quant_type, compress_statistics=True)
     assert state.nested and state.absmax.dtype == torch.uint8 and state.state2.blocksize == 256
     _, plain = F.quantize_4bit(W, blocksize=32, quant_type=quant_type)
@@ -317,7 +304,7 @@ def test_dequantize_4bit_nested_decodes_absmax(device, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_quantize_nf4_fp4_wrappers(device, quant_type):
-    W = _randn((16, 64), torch.bfloat16, device, seed=5)
+    W = randn((16, 64), torch.bfloat16, device, seed=5)
     quantize = F.quantize_nf4 if quant_type == "nf4" else F.quantize_fp4
     dequantize = F.dequantize_nf4 if quant_type == "nf4" else F.dequantize_fp4
     packed, state = quantize(W, blocksize=64)
@@ -351,9 +338,9 @@ def test_get_4bit_type(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("a_shape", [(1, 128), (1, 1, 128), (7, 128), (2, 3, 128)])
 def test_gemv_4bit(device, a_shape, dtype, quant_type, nested):
-    W = _randn((48, 128), dtype, device, seed=6)
+    W = randn((48, 128), dtype, device, seed=6)
     packed, state = F.quantize_4bit(W, blocksize=64, quant_type=quant_type, compress_statistics=nested)
-    A = _randn(a_shape, dtype, device, seed=7)
+    A = randn(a_shape, dtype, device, seed=7)
     out = F.gemv_4bit(A, packed, state=state)
     assert out.shape == (*a_shape[:-1], 48) and out.dtype == dtype
     # the weight in float32 (code * absmax); kernels may round it to A's dtype before multiplying
@@ -392,7 +379,7 @@ def _max_half_gap(code: torch.Tensor) -> float:
 
 
 def test_quantize_blockwise_defaults(device):
-    A = _randn((3, 3000), torch.float32, device, seed=8)
+    A = randn((3, 3000), torch.float32, device, seed=8)
     q, state = F.quantize_blockwise(A)
     assert q.dtype == torch.uint8 and q.shape == A.shape
     assert state.blocksize == 4096 and state.absmax.shape == (math.ceil(9000 / 4096),)
@@ -406,7 +393,7 @@ def test_quantize_blockwise_defaults(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_blockwise_round_trip(device, dtype, blocksize):
-    A = _randn((5000,), dtype, device, seed=9, scale=3.0)
+    A = randn((5000,), dtype, device, seed=9, scale=3.0)
     q, state = F.quantize_blockwise(A, blocksize=blocksize)
     out = F.dequantize_blockwise(q, state)
     assert out.dtype == dtype and out.shape == A.shape
@@ -424,7 +411,7 @@ def test_blockwise_round_trip(device, dtype, blocksize):
 
 
 def test_blockwise_nested_round_trip(device):
-    A = _randn((40, 1000), torch.float32, device, seed=10)
+    A = randn((40, 1000), torch.float32, device, seed=10)
     q, state = F.quantize_blockwise(A, blocksize=256, nested=True)
     assert state.nested and state.absmax.dtype == torch.uint8 and state.state2 is not None
     _, plain = F.quantize_blockwise(A, blocksize=256)
@@ -436,7 +423,7 @@ def test_blockwise_nested_round_trip(device):
 
 
 def test_blockwise_out_buffers(device):
-    A = _randn((1000,), torch.float16, device, seed=11)
+    A = randn((1000,), torch.float16, device, seed=11)
     q_ref, state_ref = F.quantize_blockwise(A, blocksize=128)
     out = torch.empty(1000, dtype=torch.uint8, device=device)
     absmax = torch.empty(8, dtype=torch.float32, device=device)
@@ -502,7 +489,7 @@ def test_igemm_seed_usage(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(9, 70), (2, 4, 33)])
 def test_int8_vectorwise_round_trip(device, dtype, shape):
-    A = _randn(shape, dtype, device, seed=16, scale=2.0)
+    A = randn(shape, dtype, device, seed=16, scale=2.0)
     q, stats, outlier_cols = F.int8_vectorwise_quant(A)
     assert outlier_cols is None
     assert q.dtype == torch.int8 and q.shape == A.shape and stats.shape == (math.prod(shape[:-1]),)
@@ -517,14 +504,14 @@ def test_int8_vectorwise_round_trip(device, dtype, shape):
 @given(rows=st.integers(1, 8), cols=st.integers(1, 50), seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([1e-2, 1.0, 100.0]))  # fmt: skip
 def test_int8_vectorwise_round_trip_property(device, rows, cols, seed, scale):
-    A = _randn((rows, cols), torch.float32, device, seed, scale)
+    A = randn((rows, cols), torch.float32, device, seed, scale)
     q, stats, _ = F.int8_vectorwise_quant(A)
     err = (F.int8_vectorwise_dequant(q, stats).cpu().double() - A.cpu().double()).abs()
     assert (err <= stats.cpu().double()[:, None] / 254 * (1 + 1e-5)).all()
 
 
 def test_int8_vectorwise_quant_outlier_columns(device):
-    A = _randn((6, 20), torch.float16, device, seed=17).clamp(-3, 3)
+    A = randn((6, 20), torch.float16, device, seed=17).clamp(-3, 3)
     q, _, cols = F.int8_vectorwise_quant(A, threshold=6.0)
     assert cols is not None and cols.numel() == 0  # threshold > 0 without outliers: an empty index tensor
     A[2, 4] = 10
@@ -536,7 +523,7 @@ def test_int8_vectorwise_quant_outlier_columns(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_int8_double_quant(device, dtype):
-    A = _randn((12, 40), dtype, device, seed=18, scale=2.0)
+    A = randn((12, 40), dtype, device, seed=18, scale=2.0)
     out_row, out_col, row_stats, col_stats, cols = F.int8_double_quant(A)
     assert cols is None
     assert out_row.dtype == out_col.dtype == torch.int8 and out_row.shape == out_col.shape == A.shape
@@ -551,7 +538,7 @@ def test_int8_double_quant(device, dtype):
 
 
 def test_int8_double_quant_threshold_stats(device):
-    A = _randn((10, 16), torch.float16, device, seed=19).clamp(-3, 3)
+    A = randn((10, 16), torch.float16, device, seed=19).clamp(-3, 3)
     A[1, 2] = 8.0
     A[7, 9] = -12.0
     out_row, out_col, row_stats, col_stats, cols = F.int8_double_quant(A, threshold=6.0)
@@ -567,7 +554,7 @@ def test_int8_double_quant_threshold_stats(device):
 
 def test_int8_double_quant_threshold_column_quantization_matches_bitsandbytes(device):
     # bitsandbytes: col_q = round(A.masked_fill(|A| >= t, 0) * 127 / col_stats): only outlier ENTRIES are zeroed
-    A = _randn((10, 16), torch.float16, device, seed=19).clamp(-3, 3)
+    A = randn((10, 16), torch.float16, device, seed=19).clamp(-3, 3)
     A[1, 2] = 8.0
     A[7, 9] = -12.0
     _, out_col, _, col_stats, _ = F.int8_double_quant(A, threshold=6.0)

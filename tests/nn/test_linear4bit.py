@@ -9,10 +9,10 @@ from tempfile import TemporaryDirectory
 
 import pytest
 import torch
+from helpers import CODES, FP4, NF4, TRUE_FALSE, assert_same_state, randn, raw_bytes, state_bytes
 
 import torchlowbit as bnb
 
-TRUE_FALSE = [True, False]
 storage = {
     "uint8": torch.uint8,
     "float16": torch.float16,
@@ -20,37 +20,10 @@ storage = {
     "float32": torch.float32,
 }
 
-NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]  # fmt: skip
-FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4 = [m / 12 for m in FP4_MAGNITUDES] + [-m / 12 for m in FP4_MAGNITUDES]
-CODES = {"nf4": NF4, "fp4": FP4}
 
 
-def _randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a plain tensor (on the CPU), for exact comparisons across dtypes."""
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).clone() if t.dim() else t.reshape(1).view(torch.uint8).clone()
-
-
-def _state_bytes(module: torch.nn.Module) -> dict:
-    return {k: (v.dtype, tuple(v.shape), _bytes(v)) for k, v in module.state_dict().items()}
-
-
-def _assert_same_state(before: dict, after: dict) -> None:
-    assert before.keys() == after.keys()
-    for key in before:
-        assert before[key][:2] == after[key][:2], key
-        assert torch.equal(before[key][2], after[key][2]), f"{key} changed"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -262,7 +235,7 @@ def test_state_dict_layout(device, quant_type, compress_statistics, quant_storag
     other = bnb.nn.Linear4bit(300, 200, quant_type=quant_type, compress_statistics=compress_statistics,
                               quant_storage=quant_storage, device=device)  # fmt: skip
     assert other.load_state_dict(loaded, strict=True) is not None
-    x = _randn((5, 300), device=device, seed=3)
+    x = randn((5, 300), device=device, seed=3)
     assert torch.equal(other(x), layer(x))
 
 
@@ -270,7 +243,7 @@ def test_state_dict_original_dtype_in_json(device):
     """The quant state records the dtype of the weight that was quantized (here fp16 and bf16)."""
     for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
         layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(_randn((32, 64), dtype, device=device), quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(randn((32, 64), dtype, device=device), quant_type="nf4")
         layer.bias = torch.nn.Parameter(torch.zeros(32, dtype=dtype, device=device))
         info = _decode_json(layer.state_dict()["weight.quant_state.bitsandbytes__nf4"])
         assert info["dtype"] == name
@@ -361,8 +334,8 @@ def _reference_checkpoint(W: torch.Tensor, bias: torch.Tensor, quant_type: str, 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_load_original_format_checkpoint(device, quant_type, nested):
     out_features, in_features = 21, 75  # 1575 elements: 25 blocks of 64 (the last partial), an odd count
-    W = _randn((out_features, in_features), torch.float16, seed=11, scale=0.05)
-    bias = _randn((out_features,), torch.float16, seed=12, scale=0.1)
+    W = randn((out_features, in_features), torch.float16, seed=11, scale=0.05)
+    bias = randn((out_features,), torch.float16, seed=12, scale=0.1)
     sd, expected_weight = _reference_checkpoint(W, bias, quant_type, nested)
 
     layer = bnb.nn.Linear4bit(in_features, out_features, quant_type=quant_type, compress_statistics=nested,
@@ -378,7 +351,7 @@ def test_load_original_format_checkpoint(device, quant_type, nested):
     assert torch.equal(dequantized.cpu(), expected_weight)
 
     # outputs: x @ W^T + b with the dequantized weight (up to its rounding to the fp16 of the checkpoint)
-    x = _randn((4, in_features), torch.float32, seed=13)
+    x = randn((4, in_features), torch.float32, seed=13)
     expected = x @ expected_weight.float().T + bias.float()
     out = layer(x.to(device))
     assert out.dtype == torch.float32
@@ -397,8 +370,8 @@ def test_load_original_format_checkpoint(device, quant_type, nested):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_save_original_format_checkpoint(device, quant_type, nested):
     out_features, in_features = 21, 75
-    W = _randn((out_features, in_features), torch.float16, seed=11, scale=0.05)
-    bias = _randn((out_features,), torch.float16, seed=12, scale=0.1)
+    W = randn((out_features, in_features), torch.float16, seed=11, scale=0.05)
+    bias = randn((out_features,), torch.float16, seed=12, scale=0.1)
     expected, _ = _reference_checkpoint(W, bias, quant_type, nested)
 
     layer = bnb.nn.Linear4bit(in_features, out_features, quant_type=quant_type, compress_statistics=nested,
@@ -446,9 +419,9 @@ def test_load_state_dict_before_or_after_move(device, compress_statistics, load_
         dst.load_state_dict(sd, strict=True)
     assert dst.weight.device.type == torch.device(device).type
     assert torch.equal(dst.weight, src.weight)
-    x = _randn((3, 96), device=device, seed=5)
+    x = randn((3, 96), device=device, seed=5)
     assert torch.equal(dst(x), src(x))
-    _assert_same_state(_state_bytes(src), _state_bytes(dst))
+    assert_same_state(state_bytes(src), state_bytes(dst))
 
 
 _STORAGES = {torch.uint8: "uint8", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -469,8 +442,8 @@ def test_load_state_dict_across_quant_storage(device, source_storage, target_sto
     dst = bnb.nn.LinearNF4(128, 32, quant_storage=target_storage, device=device)
     dst.load_state_dict(src.state_dict(), strict=True)
     assert dst.weight.quant_storage == target_storage
-    assert _bytes(dst.weight.packed).equal(_bytes(src.weight.packed))
-    x = _randn((2, 128), device=device, seed=2)
+    assert raw_bytes(dst.weight.packed).equal(raw_bytes(src.weight.packed))
+    x = randn((2, 128), device=device, seed=2)
     assert torch.equal(dst(x), src(x))
 
 
@@ -534,13 +507,13 @@ MISMATCH_MESSAGES = {
 @pytest.mark.parametrize("case", list(MISMATCH_MESSAGES))
 def test_mismatched_checkpoint_raises_and_keeps_weight(device, case):
     layer = bnb.nn.Linear4bit(300, 200, quant_type="nf4", device=device)
-    weight_before = {k: _bytes(v) for k, v in layer.weight.inner().items() if v is not None}
+    weight_before = {k: raw_bytes(v) for k, v in layer.weight.inner().items() if v is not None}
     meta_before = layer.weight.meta
     sd = _mismatched_checkpoints()[case]()
     with pytest.raises(RuntimeError, match=MISMATCH_MESSAGES[case]):
         layer.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
     assert layer.weight.meta == meta_before
-    weight_after = {k: _bytes(v) for k, v in layer.weight.inner().items() if v is not None}
+    weight_after = {k: raw_bytes(v) for k, v in layer.weight.inner().items() if v is not None}
     assert weight_before.keys() == weight_after.keys()
     assert all(torch.equal(weight_before[k], weight_after[k]) for k in weight_before)
 
@@ -552,11 +525,11 @@ def test_mismatched_checkpoint_raises_and_keeps_weight(device, case):
 )
 def test_mismatched_checkpoint_leaves_module_state_unchanged(device, case):
     layer = bnb.nn.Linear4bit(300, 200, quant_type="nf4", device=device)
-    before = _state_bytes(layer)
+    before = state_bytes(layer)
     sd = _mismatched_checkpoints()[case]()
     with pytest.raises(RuntimeError):
         layer.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
-    _assert_same_state(before, _state_bytes(layer))
+    assert_same_state(before, state_bytes(layer))
 
 
 def test_safetensors_round_trip(device):
@@ -568,7 +541,7 @@ def test_safetensors_round_trip(device):
         sd = safetensors_torch.load_file(path, device=str(device))
     other = bnb.nn.LinearNF4(128, 64, device=device)
     other.load_state_dict(sd, strict=True)
-    x = _randn((3, 128), device=device)
+    x = randn((3, 128), device=device)
     assert torch.equal(other(x), layer(x))
 
 
@@ -580,7 +553,7 @@ def test_safetensors_round_trip(device):
 @pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=["nested", "plain"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_params4bit_matches_functional(device, quant_type, compress_statistics):
-    W = _randn((64, 96), torch.bfloat16, device=device, seed=4)
+    W = randn((64, 96), torch.bfloat16, device=device, seed=4)
     p = bnb.nn.Params4bit(W, quant_type=quant_type, compress_statistics=compress_statistics)
     packed, state = bnb.functional.quantize_4bit(W, blocksize=64, compress_statistics=compress_statistics,
                                                  quant_type=quant_type)  # fmt: skip
@@ -622,7 +595,7 @@ def test_from_prequantized_rejects_inconsistent_data(device):
 def test_copy_float_into_nested_weight(device, how):
     """``weight.detach().copy_(W)`` (as the seeds do) must make the weight equal to a fresh quantization of W."""
     layer = bnb.nn.LinearNF4(83, 10, compress_statistics=True, device=device)
-    W = _randn((10, 83), device=device, seed=9)
+    W = randn((10, 83), device=device, seed=9)
     if how == "detach":
         layer.weight.detach().copy_(W)
     elif how == "data":

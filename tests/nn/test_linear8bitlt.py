@@ -11,37 +11,10 @@ from tempfile import TemporaryDirectory
 
 import pytest
 import torch
+from helpers import TRUE_FALSE, assert_same_state, id_formatter, randn, state_bytes
 
 import torchlowbit as bnb
 from torchlowbit.nn import Linear8bitLt
-
-TRUE_FALSE = [True, False]
-
-
-def id_formatter(label: str):
-    return lambda value: f"{label}={value}"
-
-
-def _randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).clone() if t.dim() else t.reshape(1).view(torch.uint8).clone()
-
-
-def _state_bytes(module: torch.nn.Module) -> dict:
-    return {k: (v.dtype, tuple(v.shape), _bytes(v)) for k, v in module.state_dict().items()}
-
-
-def _assert_same_state(before: dict, after: dict) -> None:
-    assert before.keys() == after.keys()
-    for key in before:
-        assert before[key][:2] == after[key][:2], key
-        assert torch.equal(before[key][2], after[key][2]), f"{key} changed"
-
 
 # --------------------------------------------------------------------------------------------------------
 # The seeds
@@ -199,8 +172,8 @@ def _reference_int8(W: torch.Tensor):
 
 
 def test_load_original_format_checkpoint(device):
-    W = _randn((48, 80), seed=21)
-    bias = _randn((48,), seed=22)
+    W = randn((48, 80), seed=21)
+    bias = randn((48,), seed=22)
     CB, SCB = _reference_int8(W)
     sd = {"weight": CB, "bias": bias, "SCB": SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
     layer = Linear8bitLt(80, 48, has_fp16_weights=False, device=device)
@@ -210,7 +183,7 @@ def test_load_original_format_checkpoint(device):
     torch.testing.assert_close(layer.weight.dequantize().float().cpu(), dequantized, rtol=1e-6, atol=1e-6)
 
     # the int8 path (threshold 0) and the fallback: close to x @ dequantized^T + b
-    x = _randn((5, 80), seed=23)
+    x = randn((5, 80), seed=23)
     expected = x @ dequantized.T + bias
     out = layer(x.to(device)).cpu()
     assert out.dtype == torch.float32
@@ -225,7 +198,7 @@ def test_load_original_format_checkpoint(device):
 
 
 def test_save_original_format_checkpoint(device):
-    W = _randn((48, 80), seed=21)
+    W = randn((48, 80), seed=21)
     CB, SCB = _reference_int8(W)
     layer = Linear8bitLt(80, 48, has_fp16_weights=False, device="meta")
     layer.weight = bnb.nn.Int8Params(W.to(device), has_fp16_weights=False)
@@ -246,8 +219,8 @@ def test_load_state_dict_before_or_after_move(device, load_before_move):
     else:
         dst.to(device).load_state_dict(sd, strict=True)
     assert dst.weight.device.type == torch.device(device).type
-    _assert_same_state(_state_bytes(src), _state_bytes(dst))
-    x = _randn((4, 64), torch.float16, device=device, seed=1)
+    assert_same_state(state_bytes(src), state_bytes(dst))
+    x = randn((4, 64), torch.float16, device=device, seed=1)
     assert torch.equal(dst(x), src(x))
 
 
@@ -306,10 +279,10 @@ def test_mismatched_checkpoint_raises_and_keeps_weight(device, case):
 )
 def test_mismatched_checkpoint_leaves_module_state_unchanged(device, case):
     layer = Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
-    before = _state_bytes(layer)
+    before = state_bytes(layer)
     with pytest.raises(RuntimeError):
         layer.load_state_dict({k: v.to(device) for k, v in _mismatched_checkpoints()[case]().items()}, strict=True)
-    _assert_same_state(before, _state_bytes(layer))
+    assert_same_state(before, state_bytes(layer))
 
 
 def test_int8_checkpoint_into_fp16_weights_layer_raises(device):
@@ -327,7 +300,7 @@ def test_int8_checkpoint_into_fp16_weights_layer_raises(device):
 
 
 def test_int8params_quantizes_rowwise(device):
-    W = _randn((32, 64), torch.float16, device=device, seed=5)
+    W = randn((32, 64), torch.float16, device=device, seed=5)
     p = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)
     CB, SCB = _reference_int8(W.cpu())
     assert p.dtype == torch.int8 and tuple(p.shape) == (32, 64) and not p.requires_grad

@@ -15,40 +15,16 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import assert_same_state, id_formatter, randn, raw_bytes, state_bytes
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchlowbit as bnb
 
 
-def id_formatter(label: str):
-    return lambda value: f"{label}={value}"
-
-
-def _randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).clone() if t.dim() else t.reshape(1).view(torch.uint8).clone()
-
-
-def _state_bytes(module: nn.Module) -> dict:
-    return {k: (v.dtype, tuple(v.shape), _bytes(v)) for k, v in module.state_dict().items()}
-
-
-def _assert_same_state(before: dict, after: dict) -> None:
-    assert before.keys() == after.keys()
-    for key in before:
-        assert before[key][:2] == after[key][:2], key
-        assert torch.equal(before[key][2], after[key][2]), f"{key} changed"
-
-
 def _weight_bytes(weight: torch.Tensor) -> dict:
     """The bytes of every inner tensor of a quantized weight, plus its metadata."""
-    inner = {k: _bytes(v) for k, v in weight.inner().items() if v is not None}
+    inner = {k: raw_bytes(v) for k, v in weight.inner().items() if v is not None}
     return {"meta": weight.meta, "dtype": weight.dtype, **inner}
 
 
@@ -102,7 +78,7 @@ LAYERS = {
 
 
 def _x(in_features, dtype=torch.float32, device="cpu", seed=1, rows=4):
-    x = _randn((rows, in_features), dtype, device, seed)
+    x = randn((rows, in_features), dtype, device, seed)
     x[0, 3] = 8.0  # one outlier column for threshold 6
     return x
 
@@ -308,7 +284,7 @@ def test_linear_kbit_fp32_bias(device, module):
     assert l1.weight.dtype in [torch.int8, torch.uint8]
     assert l1.bias.dtype == torch.float32
     weight, bias = l1.weight, l1.bias
-    before = _state_bytes(l1)
+    before = state_bytes(l1)
 
     for _ in range(100):
         b1 = torch.randn(16, 8, 32, device=device).half()
@@ -317,7 +293,7 @@ def test_linear_kbit_fp32_bias(device, module):
         assert o1.dtype == torch.float16
         assert l1.bias.dtype == torch.float32
     assert l1.weight is weight and l1.bias is bias
-    _assert_same_state(before, _state_bytes(l1))
+    assert_same_state(before, state_bytes(l1))
 
     # casts model to fp16 -> int8 automatically
     l1 = module(32, 64, bias=False).to(device)
@@ -542,7 +518,7 @@ def test_dtype_casts_never_touch_quantized_data(device, name, cast):
 
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
 def test_params4bit_tensor_casts_keep_storage(device, quant_storage):
-    p = bnb.nn.Params4bit(_randn((32, 64), device=device), quant_type="nf4", quant_storage=quant_storage)
+    p = bnb.nn.Params4bit(randn((32, 64), device=device), quant_type="nf4", quant_storage=quant_storage)
     snapshot = _weight_bytes(p)
     with _no_quantization():
         for q in (p.half(), p.bfloat16(), p.float(), p.to(torch.float16), p.to(device, torch.bfloat16)):
@@ -558,7 +534,7 @@ def test_params4bit_tensor_casts_keep_storage(device, quant_storage):
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
 @pytest.mark.parametrize("compress_statistics", [True, False], ids=["nested", "plain"])
 def test_meta_linear4bit_assign_params4bit(device, compress_statistics, quant_storage):
-    W, b = _randn((48, 64), device=device, seed=3), _randn((48,), device=device, seed=4)
+    W, b = randn((48, 64), device=device, seed=3), randn((48,), device=device, seed=4)
     layer = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compress_statistics=compress_statistics,
                               quant_storage=quant_storage, device="meta")  # fmt: skip
     assert layer.weight.is_meta
@@ -571,7 +547,7 @@ def test_meta_linear4bit_assign_params4bit(device, compress_statistics, quant_st
     assert torch.equal(layer.weight, reference.weight)
     x = _x(64, device=device)
     assert torch.equal(layer(x), reference(x))
-    _assert_same_state(_state_bytes(reference), _state_bytes(layer))
+    assert_same_state(state_bytes(reference), state_bytes(layer))
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -587,7 +563,7 @@ def test_meta_module_load_state_dict_assign(device, name):
         assert param.device.type == torch.device(device).type
     assert type(layer.weight) is type(source.weight)
     assert not layer.weight.requires_grad
-    _assert_same_state(_state_bytes(source), _state_bytes(layer))
+    assert_same_state(state_bytes(source), state_bytes(layer))
     x = _x(64, device=device)
     assert torch.equal(layer(x), source(x))
 
@@ -597,7 +573,7 @@ def test_meta_module_to_empty_then_load_state_dict(device, name):
     source = LAYERS[name](64, 48, device=device)
     layer = LAYERS[name](64, 48, device="meta").to_empty(device=device)
     layer.load_state_dict(source.state_dict(), strict=True)
-    _assert_same_state(_state_bytes(source), _state_bytes(layer))
+    assert_same_state(state_bytes(source), state_bytes(layer))
     x = _x(64, device=device)
     assert torch.equal(layer(x), source(x))
 
@@ -634,7 +610,7 @@ def test_copies_of_whole_modules(device, name, how):
     assert type(clone.weight) is type(layer.weight)
     assert clone.weight.device == layer.weight.device
     _assert_same_weight(_weight_bytes(layer.weight), _weight_bytes(clone.weight))
-    _assert_same_state(_state_bytes(layer), _state_bytes(clone))
+    assert_same_state(state_bytes(layer), state_bytes(clone))
     assert torch.equal(clone(x), expected)
     if how == "deepcopy":  # a deep copy owns its tensors
         for a, b in zip(layer.weight.inner().values(), clone.weight.inner().values(), strict=True):
@@ -652,16 +628,16 @@ def test_copies_of_whole_modules(device, name, how):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_forward_output_dtype_and_no_mutation(device, name, dtype):
     layer = LAYERS[name](64, 48, device=device)
-    before = _state_bytes(layer)
+    before = state_bytes(layer)
     params = dict(layer.named_parameters())
     settings = {k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "state"}
     x = _x(64, dtype, device)
     for _ in range(2):
         out = layer(x)
         assert out.dtype == dtype and out.shape == (4, 48) and out.device == x.device
-    x3 = _randn((2, 3, 64), dtype, device)
+    x3 = randn((2, 3, 64), dtype, device)
     assert layer(x3).shape == (2, 3, 48) and layer(x3).dtype == dtype
-    _assert_same_state(before, _state_bytes(layer))
+    assert_same_state(before, state_bytes(layer))
     assert dict(layer.named_parameters()).keys() == params.keys()
     assert all(p is params[k] for k, p in layer.named_parameters())
     assert {k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "state"} == settings
@@ -700,8 +676,8 @@ def test_forward_matches_dequantized_linear(device, name):
 def test_linear8bitlt_threshold_outliers_are_exact(device):
     """With threshold 6 the outlier column is multiplied in float: output closer to the float result than without."""
     torch.manual_seed(0)
-    W = _randn((48, 64), device=device, seed=5)
-    x = _randn((4, 64), device=device, seed=6)
+    W = randn((48, 64), device=device, seed=5)
+    x = randn((4, 64), device=device, seed=6)
     x[:, 3] = 50.0
     errors = {}
     for threshold in (0.0, 6.0):
@@ -724,7 +700,7 @@ def test_wrong_input_shape(device, name):
     layer = LAYERS[name](64, 48, device=device)
     for shape in [(4, 63), (4, 65), (64, 4)]:
         with pytest.raises(ValueError, match="shape"):
-            layer(_randn(shape, device=device))
+            layer(randn(shape, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.float64, torch.bool], ids=str)
@@ -749,7 +725,7 @@ def test_wrong_input_dtype_with_compute_dtype(device, dtype):
 def test_input_on_another_device(name):
     layer = LAYERS[name](64, 48, device="cuda")
     with pytest.raises((ValueError, RuntimeError), match="device"):
-        layer(_randn((4, 64)))
+        layer(randn((4, 64)))
 
 
 @pytest.mark.parametrize("cls", [bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4])
@@ -757,7 +733,7 @@ def test_linear4bit_plain_weight_raises_type_error(device, cls):
     layer = cls(64, 48, device=device)
     layer.weight = nn.Parameter(torch.randn(48, 64, device=device), requires_grad=False)
     with pytest.raises(TypeError, match=cls.__name__) as info:
-        layer(_randn((4, 64), device=device))
+        layer(randn((4, 64), device=device))
     assert "Params4bit" in str(info.value)
     with pytest.raises(TypeError, match=cls.__name__):
         layer.state_dict()
@@ -767,14 +743,14 @@ def test_linear8bitlt_non_float_plain_weight_raises_type_error(device):
     layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
     layer.weight = nn.Parameter(torch.zeros(48, 64, dtype=torch.int8, device=device), requires_grad=False)
     with pytest.raises(TypeError, match="Linear8bitLt"):
-        layer(_randn((4, 64), device=device))
+        layer(randn((4, 64), device=device))
 
 
 def test_linear4bit_weight_of_wrong_shape_raises(device):
     layer = bnb.nn.LinearNF4(64, 48, device=device)
-    layer.weight = bnb.nn.Params4bit(_randn((32, 64), device=device), quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(randn((32, 64), device=device), quant_type="nf4")
     with pytest.raises(ValueError, match="LinearNF4"):
-        layer(_randn((4, 64), device=device))
+        layer(randn((4, 64), device=device))
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "NF4", "", "fp8"])

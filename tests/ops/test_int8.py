@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, randn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 ops = torch.ops.lowbit
-FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Tie window: 127 * x / s computed in float32 (as a reciprocal-multiply or a divide) differs from the float64
@@ -24,10 +24,6 @@ TIE_WINDOW = 1e-4
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
-
-def _randn(shape, dtype, device, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
 
 
 def _randint8(shape, device, seed, low=-128, high=128):
@@ -116,8 +112,8 @@ LAYOUTS = ["contiguous", "noncontiguous", "3d"]
 def _float_input(shape2d, dtype, device, seed, layout, scale=1.0):
     if layout == "3d":
         m, k = shape2d
-        return _randn((2, m, k), dtype, device, seed, scale)
-    return _layout(_randn(shape2d, dtype, device, seed, scale), layout)
+        return randn((2, m, k), dtype, device, seed, scale)
+    return _layout(randn(shape2d, dtype, device, seed, scale), layout)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -191,7 +187,7 @@ def test_opcheck_int8_mixed_linear(device, dtype, threshold, with_bias, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "transposed"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_vectorwise_quant_row_absmax_and_rounding(device, dtype, layout):
-    A = _layout(_randn((33, 70), dtype, device, seed=10, scale=3.0), layout)
+    A = _layout(randn((33, 70), dtype, device, seed=10, scale=3.0), layout)
     q, row_stats, mask = ops.int8_vectorwise_quant(A)
     assert q.dtype == torch.int8 and q.shape == A.shape
     assert row_stats.dtype == torch.float32 and row_stats.shape == (33,)
@@ -223,7 +219,7 @@ def test_vectorwise_quant_exact_ties_round_half_to_even(device):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_vectorwise_quant_property(device, rows, cols, dtype, scale, seed):
-    A = _randn((rows, cols), dtype, device, seed, scale)
+    A = randn((rows, cols), dtype, device, seed, scale)
     q, row_stats, mask = ops.int8_vectorwise_quant(A)
     exact, absmax, _ = _reference_quant(A)
     assert torch.equal(row_stats.cpu().double(), absmax)
@@ -234,7 +230,7 @@ def test_vectorwise_quant_property(device, rows, cols, dtype, scale, seed):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_vectorwise_quant_threshold_semantics(device, dtype):
     t = 6.0
-    A = _randn((9, 40), dtype, device, seed=11, scale=1.5).clamp(-5.5, 5.5)
+    A = randn((9, 40), dtype, device, seed=11, scale=1.5).clamp(-5.5, 5.5)
     A[2, 5] = 7.0  # a single outlier in column 5
     A[0, 11] = -6.0  # exactly the threshold counts: |x| >= t
     A[:, 30] = torch.linspace(-12, 12, 9, dtype=dtype)  # a column with several outliers and non-outliers
@@ -254,7 +250,7 @@ def test_vectorwise_quant_threshold_semantics(device, dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_vectorwise_quant_threshold_zeroes_whole_outlier_columns(device, dtype):
     t = 6.0
-    A = _randn((7, 32), dtype, device, seed=12).clamp(-4, 4)
+    A = randn((7, 32), dtype, device, seed=12).clamp(-4, 4)
     A[3, 5] = 9.0
     A[6, 17] = -100.0
     A[0, 17] = 6.0
@@ -283,7 +279,7 @@ def test_vectorwise_quant_threshold_zeroes_whole_outlier_columns(device, dtype):
     dtype=st.sampled_from(FLOAT_DTYPES),
 )
 def test_vectorwise_quant_threshold_property(device, rows, cols, threshold, seed, dtype):
-    A = _randn((rows, cols), dtype, device, seed, scale=2.0)
+    A = randn((rows, cols), dtype, device, seed, scale=2.0)
     q, row_stats, mask = ops.int8_vectorwise_quant(A, threshold)
     exact, absmax, expected_mask = _reference_quant(A, threshold)
     assert torch.equal(mask.cpu(), expected_mask)
@@ -294,7 +290,7 @@ def test_vectorwise_quant_threshold_property(device, rows, cols, threshold, seed
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_vectorwise_quant_zero_rows(device, dtype, threshold):
-    A = _randn((4, 16), dtype, device, seed=13)
+    A = randn((4, 16), dtype, device, seed=13)
     A[1] = 0
     A[3] = 0
     q, row_stats, mask = ops.int8_vectorwise_quant(A, threshold)
@@ -308,7 +304,7 @@ def test_vectorwise_quant_zero_rows(device, dtype, threshold):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_vectorwise_quant_row_of_outliers_only(device, dtype):
-    A = _randn((3, 8), dtype, device, seed=16).clamp(-2, 2)
+    A = randn((3, 8), dtype, device, seed=16).clamp(-2, 2)
     A[1] = 50.0
     q, row_stats, mask = ops.int8_vectorwise_quant(A, 6.0)
     assert row_stats[1].item() == 0 and not torch.isnan(row_stats).any()
@@ -317,7 +313,7 @@ def test_vectorwise_quant_row_of_outliers_only(device, dtype):
 
 @pytest.mark.parametrize("threshold", [0.0, 2.0])
 def test_vectorwise_quant_3d_is_rowwise_over_flattened_rows(device, threshold):
-    A = _randn((2, 3, 20), torch.float16, device, seed=14, scale=1.5)
+    A = randn((2, 3, 20), torch.float16, device, seed=14, scale=1.5)
     q, row_stats, mask = ops.int8_vectorwise_quant(A, threshold)
     q2, row_stats2, mask2 = ops.int8_vectorwise_quant(A.reshape(6, 20), threshold)
     assert q.shape == (2, 3, 20) and row_stats.shape == (6,) and mask.shape == (20,)
@@ -325,7 +321,7 @@ def test_vectorwise_quant_3d_is_rowwise_over_flattened_rows(device, threshold):
 
 
 def test_vectorwise_quant_does_not_modify_input(device):
-    A = _with_outlier_columns(_randn((4, 16), torch.float16, device, seed=15), [2])
+    A = _with_outlier_columns(randn((4, 16), torch.float16, device, seed=15), [2])
     before = A.clone()
     ops.int8_vectorwise_quant(A, 6.0)
     assert torch.equal(A, before)
@@ -457,7 +453,7 @@ def test_int8_scaled_mm_is_the_composition(device, a_shape, dtype, with_bias):
 
 def _int8_weight(n, k, device, seed):
     """A row-wise int8 weight (CB, SCB) and its float64 dequantized value CB * SCB / 127."""
-    W = _randn((n, k), torch.float32, device, seed, scale=0.5)
+    W = randn((n, k), torch.float32, device, seed, scale=0.5)
     SCB = W.abs().amax(1)
     CB = torch.round(W * (127 / SCB)[:, None]).to(torch.int8)
     dequantized = CB.cpu().double() * SCB.cpu().double()[:, None] / 127
@@ -475,9 +471,9 @@ def _int8_error_bound(A: torch.Tensor, weight64: torch.Tensor, dtype: torch.dtyp
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("a_shape", [(1, 64), (9, 64), (2, 5, 64)])
 def test_int8_mixed_linear_threshold_zero(device, a_shape, dtype, with_bias):
-    A = _randn(a_shape, dtype, device, seed=30)
+    A = randn(a_shape, dtype, device, seed=30)
     CB, SCB, W64 = _int8_weight(20, 64, device, seed=31)
-    bias = _randn((20,), dtype, device, seed=32) if with_bias else None
+    bias = randn((20,), dtype, device, seed=32) if with_bias else None
     out, mask = ops.int8_mixed_linear(A, CB, SCB, bias, 0.0)
     assert out.dtype == dtype and out.shape == (*a_shape[:-1], 20)
     assert mask.dtype == torch.bool and mask.shape == (64,) and not mask.any()
@@ -500,7 +496,7 @@ def test_int8_mixed_linear_threshold_zero(device, a_shape, dtype, with_bias):
 def test_int8_mixed_linear_outlier_decomposition(device, a_shape, dtype):
     t = 6.0
     outlier_columns = [4, 50, 91]
-    A = _randn(a_shape, dtype, device, seed=33).clamp(-3, 3)
+    A = randn(a_shape, dtype, device, seed=33).clamp(-3, 3)
     g = torch.Generator().manual_seed(34)
     big = (torch.rand(*a_shape[:-1], 3, generator=g) * 60 + 8) * torch.sign(torch.randn(*a_shape[:-1], 3, generator=g))
     A[..., outlier_columns] = big.to(dtype).to(device)
@@ -538,7 +534,7 @@ def test_int8_mixed_linear_outlier_columns_are_floating_point(device, dtype):
     A[:, 2].neg_()
     A = A.to(device)
     CB, SCB, W64 = _int8_weight(16, 64, device, seed=37)
-    bias = _randn((16,), dtype, device, seed=38)
+    bias = randn((16,), dtype, device, seed=38)
     out, mask = ops.int8_mixed_linear(A, CB, SCB, bias, t)
     ref = A.cpu().double() @ W64.T + bias.cpu().double()
     magnitude = A.cpu().double().abs() @ W64.abs().T + bias.cpu().double().abs()
@@ -547,7 +543,7 @@ def test_int8_mixed_linear_outlier_columns_are_floating_point(device, dtype):
 
 
 def test_int8_mixed_linear_no_outliers_same_as_threshold_zero(device):
-    A = _randn((8, 48), torch.float16, device, seed=39).clamp(-4, 4)
+    A = randn((8, 48), torch.float16, device, seed=39).clamp(-4, 4)
     CB, SCB, _ = _int8_weight(10, 48, device, seed=40)
     out_0, _ = ops.int8_mixed_linear(A, CB, SCB, None, 0.0)
     out_6, mask = ops.int8_mixed_linear(A, CB, SCB, None, 6.0)
@@ -558,9 +554,9 @@ def test_int8_mixed_linear_no_outliers_same_as_threshold_zero(device):
 @pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_int8_mixed_linear_output_dtype_is_input_dtype(device, dtype, bias_dtype):
-    A = _randn((3, 16), dtype, device, seed=41)
+    A = randn((3, 16), dtype, device, seed=41)
     CB, SCB, _ = _int8_weight(5, 16, device, seed=42)
-    bias = _randn((5,), bias_dtype, device, seed=43)
+    bias = randn((5,), bias_dtype, device, seed=43)
     for threshold in (0.0, 0.5):
         out, _ = ops.int8_mixed_linear(A, CB, SCB, bias, threshold)
         assert out.dtype == dtype
@@ -569,7 +565,7 @@ def test_int8_mixed_linear_output_dtype_is_input_dtype(device, dtype, bias_dtype
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_int8_mixed_linear_output_shape_depends_only_on_input_shapes(device, threshold):
     CB, SCB, _ = _int8_weight(12, 32, device, seed=44)
-    base = _randn((2, 7, 32), torch.float16, device, seed=45).clamp(-3, 3)
+    base = randn((2, 7, 32), torch.float16, device, seed=45).clamp(-3, 3)
     shapes = set()
     for columns in ([], [0], [1, 2, 3, 30]):
         A = _with_outlier_columns(base, columns) if columns else base

@@ -4,20 +4,14 @@ import math
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, FP4_MAGNITUDES, NF4
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchlowbit import codebooks
 from torchlowbit.functional import create_dynamic_map
 
-NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-]  # fmt: skip
-FP4_MAGNITUDES = [0, 0.0625, 8, 12, 4, 6, 2, 3]
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPES = FLOAT_DTYPES
 STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
 QUANT_TYPES = ["nf4", "fp4"]
 
