@@ -108,7 +108,7 @@ def create_fp8_map(
             mantissa = sum(bit * 2 ** -(j + 1) for j, bit in enumerate(bits))
             value = mantissa * 2**-bias if evalue == 0 else (1 + mantissa) * 2 ** -(evalue - bias - 1)
             values += [value, -value] if signed else [value]
-    code = torch.tensor(sorted(values + [0.0] * (256 - len(values))), dtype=torch.float32)
+    code = _pad_sort(values)
     return code / code.max()
 
 
