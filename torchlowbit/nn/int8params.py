@@ -70,7 +70,8 @@ class Int8Params(QuantizedParameter):
 
     def dequantize(self) -> torch.Tensor:
         """The float weight ``CB * SCB / 127`` in the original dtype."""
-        return (self.CB.float() * (self.SCB / 127.0)[:, None]).to(self.meta.dtype)
+        rows = self.CB.float().view(len(self.SCB), -1)  # also right for FSDP's flattened view of the codes
+        return (rows * (self.SCB / 127.0)[:, None]).view(self.shape).to(self.meta.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Params(shape={list(self.shape)}, dtype={self.meta.dtype}, device={self.device})"
@@ -82,6 +83,9 @@ class Int8Params(QuantizedParameter):
                 f"of shape {list(self.shape)} (it is quantized) or another Int8Params"
             )
         return self._make(*_quantize(src.to(self.device)))
+
+    def _rows_per_entry(self) -> dict[str, int]:
+        return {"CB": 1, "SCB": 1}
 
     def _layout(self) -> tuple:
         return tuple(self.shape)

@@ -203,6 +203,9 @@ class Params4bit(QuantizedParameter):
         )
         return self._make(inner, new_meta)
 
+    def _rows_per_entry(self) -> dict[str, int]:
+        return {"packed": 1, "absmax": self.blocksize // (2 * self.quant_storage.itemsize)}
+
     def _layout(self) -> tuple:
         meta = self.meta
         return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, self.quant_storage

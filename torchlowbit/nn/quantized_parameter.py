@@ -46,6 +46,57 @@ class QuantizedParameter(torch.Tensor):
         """What must agree for one weight's tensors to be copied into another's in place."""
         raise NotImplementedError
 
+    def _rows_per_entry(self) -> dict[str, int]:
+        """For each inner tensor cut along with the outer rows: how many outer rows one of its entries spans.
+
+        Inner tensors not named here (code tables, second-level scales) are whole on every shard.
+        """
+        raise NotImplementedError
+
+    def _slice_rows(self, start: int, end: int) -> "QuantizedParameter":
+        """Outer rows ``[start, end)`` and the scales that belong to them; cuts must fall between blocks."""
+        rows = self.shape[0]
+        end = min(end, rows)
+        inner = dict(self.inner())
+        for name, per_entry in self._rows_per_entry().items():
+            if start % per_entry or (end % per_entry and end != rows):
+                raise ValueError(
+                    f"cannot cut {self!r} at rows {start}:{end}: cuts must fall between quantization blocks, "
+                    f"every {per_entry} rows"
+                )
+            inner[name] = inner[name][start // per_entry : -(-end // per_entry)]
+        return self._make(inner, self.meta)
+
+    def _new_zeros(self, rows: int, device: torch.device) -> "QuantizedParameter":
+        per_entry = self._rows_per_entry()
+        inner = {}
+        for name, t in self.inner().items():
+            if t is not None:
+                shape = t.shape if name not in per_entry else (-(-rows // per_entry[name]), *t.shape[1:])
+                inner[name] = torch.zeros(shape, dtype=t.dtype, device=device)
+        return self._make(inner, self.meta)
+
+    # --- FSDP2 all-gather extension: shards travel as raw bytes, never reinterpreted as floats --------------
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """The row-cut inner tensors as bytes to all-gather; the whole ones ride along in the metadata."""
+        _check_even_shards(self, outer_size[0], mesh.size())
+        names = tuple(self._rows_per_entry())
+        inputs = tuple(getattr(self, name).view(torch.uint8) for name in names)
+        whole = {name: t for name, t in self.inner().items() if name not in names}
+        return inputs, (names, tuple(getattr(self, name).dtype for name in names), whole, self.meta)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """The unsharded weight over the all-gathered bytes (``param_dtype`` never converts codes)."""
+        names, dtypes, whole, meta = metadata
+        gathered = {name: t.view(dtype) for name, t, dtype in zip(names, all_gather_outputs, dtypes, strict=True)}
+        if out is not None:
+            for name, t in gathered.items():
+                if getattr(out, name).data_ptr() != t.data_ptr():
+                    getattr(out, name).copy_(t)
+            return None
+        return self._make({**whole, **gathered}, meta), ()
+
     # --- the subclass protocol -------------------------------------------------------------------------------
 
     def __tensor_flatten__(self) -> tuple[list[str], Hashable]:
@@ -70,6 +121,52 @@ class QuantizedParameter(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
 
+def _check_even_shards(weight: QuantizedParameter, rows: int, world_size: int) -> None:
+    """FSDP2 all-gathers several tensors per weight, which needs every rank to hold the same whole blocks."""
+    per_entry = max(weight._rows_per_entry().values())
+    if rows % world_size == 0 and (rows // world_size % per_entry == 0 or world_size == 1):
+        return
+    accepted = [n for n in range(1, 65) if rows % n == 0 and (rows // n % per_entry == 0 or n == 1)]
+    raise ValueError(
+        f"cannot shard {weight!r} over {world_size} ranks: each rank must hold the same number of its {rows} rows, "
+        f"a multiple of {per_entry} (whole quantization blocks); world sizes that work: {accepted}"
+    )
+
+
+def _split(weight: QuantizedParameter, split_size: int, dim: int = 0) -> list[QuantizedParameter]:
+    if dim != 0:
+        raise ValueError(f"{type(weight).__name__} can only be split along dim 0 (its rows), got dim={dim}")
+    rows = weight.shape[0]
+    _check_even_shards(weight, rows, -(-rows // split_size))
+    return [weight._slice_rows(start, start + split_size) for start in range(0, rows, split_size)]
+
+
+def _slice(weight: QuantizedParameter, dim: int = 0, start=None, end=None, step: int = 1) -> QuantizedParameter:
+    if dim != 0 or step != 1:
+        raise ValueError(f"{type(weight).__name__} can only be sliced along dim 0 with step 1")
+    rows = weight.shape[0]
+    start, end = (start or 0), (rows if end is None else end)
+    return weight._slice_rows(start + rows if start < 0 else start, end + rows if end < 0 else end)
+
+
+def _new_zeros(weight: QuantizedParameter, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    if tuple(size[1:]) != tuple(weight.shape[1:]):
+        raise ValueError(f"new_zeros of {weight!r} must keep the trailing sizes {list(weight.shape[1:])}, got {size}")
+    return weight._new_zeros(size[0], device or weight.device)
+
+
+def _view(weight: QuantizedParameter, size) -> QuantizedParameter:
+    """A reshaped handle on the codes (FSDP keeps ``view(-1)`` of its shards); the scales stay as they are."""
+    first = weight.inner_names[0]
+    return weight._make({**weight.inner(), first: getattr(weight, first).view(size)}, weight.meta)
+
+
+def _as_strided(weight: QuantizedParameter, size, stride, storage_offset=0) -> QuantizedParameter:
+    if tuple(size) != tuple(weight.shape) or tuple(stride) != weight.stride() or storage_offset:
+        raise ValueError(f"{type(weight).__name__} supports as_strided only as an alias of itself")
+    return weight._map_inner(lambda t: t)
+
+
 def _rebuild(cls: type, inner: dict, meta: Hashable) -> QuantizedParameter:
     return cls._make(inner, meta)
 
@@ -90,6 +187,9 @@ def _copy_(dest: QuantizedParameter, src: torch.Tensor, non_blocking: bool = Fal
         source = src
     else:
         source = dest._quantized_like(src)
+    shapes = {name: (t.shape, getattr(source, name).shape) for name, t in dest.inner().items() if t is not None}
+    if any(a != b for a, b in shapes.values()):
+        raise ValueError(f"cannot copy {src!r} into {dest!r}: their tensors' shapes differ: {shapes}")
     for name, t in dest.inner().items():
         if t is not None:
             t.copy_(getattr(source, name), non_blocking=non_blocking)
@@ -113,6 +213,11 @@ _HANDLERS = {
     aten.empty_like.default: lambda w, *, device=None, **_: w._map_inner(lambda t: torch.empty_like(t, device=device)),
     aten.is_pinned.default: lambda w, device=None: all(t.is_pinned() for t in w.inner().values() if t is not None),
     aten._pin_memory.default: lambda w, device=None: w._map_inner(torch.Tensor.pin_memory),
+    aten.split.Tensor: _split,
+    aten.slice.Tensor: _slice,
+    aten.new_zeros.default: _new_zeros,
+    aten.view.default: _view,
+    aten.as_strided.default: _as_strided,
 }
 
 torch.serialization.add_safe_globals([_rebuild])
