@@ -17,7 +17,8 @@ NAN_PATTERNS = [0x7F81, 0xFFC1, 0x7FFF, 0xFF80 | 0x55, 0x7C01, 0xFE01]  # bf16 a
 
 def _model4bit(device, storage: torch.dtype, nested: bool) -> torch.nn.Sequential:
     torch.manual_seed(0)
-    layers = [bnb.nn.LinearNF4(i, o, compress_statistics=nested, quant_storage=storage) for i, o in [(64, 128), (128, 64)]]
+    sizes = [(64, 128), (128, 64)]
+    layers = [bnb.nn.LinearNF4(i, o, compress_statistics=nested, quant_storage=storage) for i, o in sizes]
     model = torch.nn.Sequential(*layers).to(device)
     packed = model[0].weight.packed.view(torch.uint8).view(-1)
     planted = torch.tensor(NAN_PATTERNS, dtype=torch.int32).view(torch.uint8).view(-1, 4)[:, :2].reshape(-1)
@@ -50,7 +51,7 @@ def _forward_matches_unsharded(device, storage, nested, reshard, mixed, offload)
     expected = reference(x)
     out = model(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    for ref_layer, layer in zip(reference, model):
+    for ref_layer, layer in zip(reference, model, strict=True):
         layer.unshard()
         weight = layer.weight
         assert type(weight) is bnb.nn.Params4bit, type(weight)
@@ -58,7 +59,7 @@ def _forward_matches_unsharded(device, storage, nested, reshard, mixed, offload)
             assert torch.equal(_bytes(weight)[name], want), f"{name} bytes changed by all-gather"
         layer.reshard()
     rank, world = dist.get_rank(), dist.get_world_size()
-    for ref_layer, layer in zip(reference, model):
+    for ref_layer, layer in zip(reference, model, strict=True):
         local = layer.weight.to_local()
         rows = ref_layer.weight.shape[0] // world
         want = ref_layer.weight._slice_rows(rank * rows, (rank + 1) * rows)
@@ -97,7 +98,7 @@ def _int8_forward_matches_unsharded(device, reshard) -> None:
     x = torch.randn(3, 64, device=device)
     x[:, 5] = 8.0  # an outlier column: the 16-bit path runs too
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-    for ref_layer, layer in zip(reference, model):
+    for ref_layer, layer in zip(reference, model, strict=True):
         layer.unshard()
         assert type(layer.weight) is bnb.nn.Int8Params
         assert torch.equal(layer.weight.CB, ref_layer.weight.CB) and torch.equal(layer.weight.SCB, ref_layer.weight.SCB)

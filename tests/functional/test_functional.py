@@ -16,7 +16,6 @@ from torchlowbit.functional import QuantState
 HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-
 def _randint8(shape, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-128, 128, shape, generator=g, dtype=torch.int8).to(device)

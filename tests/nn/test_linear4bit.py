@@ -21,11 +21,6 @@ storage = {
 }
 
 
-
-
-
-
-
 # --------------------------------------------------------------------------------------------------------
 # The seed: bitsandbytes tests/test_linear4bit.py::test_linear_serialization, on every device
 # --------------------------------------------------------------------------------------------------------
@@ -430,9 +425,7 @@ _STORAGES = {torch.uint8: "uint8", torch.float16: "fp16", torch.bfloat16: "bf16"
 @pytest.mark.parametrize(
     ("source_storage", "target_storage"),
     [
-        pytest.param(
-            s, t, id=f"{_STORAGES[s]}-to-{_STORAGES[t]}"
-        )
+        pytest.param(s, t, id=f"{_STORAGES[s]}-to-{_STORAGES[t]}")
         for s in (torch.uint8, torch.bfloat16)
         for t in _STORAGES
     ],
@@ -518,7 +511,6 @@ def test_mismatched_checkpoint_raises_and_keeps_weight(device, case):
     assert all(torch.equal(weight_before[k], weight_after[k]) for k in weight_before)
 
 
-
 @pytest.mark.parametrize(
     "case",
     list(MISMATCH_MESSAGES),
@@ -585,7 +577,6 @@ def test_from_prequantized_rejects_inconsistent_data(device):
     stats = {k: v for k, v in sd.items() if k.startswith("weight.")}
     with pytest.raises(ValueError):
         bnb.nn.Params4bit.from_prequantized(sd["weight"][:-1], stats, device=device)
-
 
 
 @pytest.mark.parametrize(

@@ -273,10 +273,7 @@ def test_mismatched_checkpoint_raises_and_keeps_weight(device, case):
     assert torch.equal(layer.weight.CB, CB) and torch.equal(layer.weight.SCB, SCB)
 
 
-
-@pytest.mark.parametrize(
-    "case", list(MISMATCH_MESSAGES)
-)
+@pytest.mark.parametrize("case", list(MISMATCH_MESSAGES))
 def test_mismatched_checkpoint_leaves_module_state_unchanged(device, case):
     layer = Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
     before = state_bytes(layer)

@@ -712,7 +712,6 @@ def test_wrong_input_dtype(device, name, dtype):
         layer(x)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)  # fmt: skip
 def test_wrong_input_dtype_with_compute_dtype(device, dtype):
     layer = bnb.nn.LinearNF4(64, 48, compute_dtype=torch.float16, device=device)

@@ -25,7 +25,6 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-
 def _randint8(shape, device, seed, low=-128, high=128):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, high, shape, generator=g, dtype=torch.int8).to(device)

@@ -123,8 +123,9 @@ def test_opcheck(device, dtype, blocksize):
         (lambda A, c: torch.ops.lowbit.quantize_blockwise(A, c[:16], 64), ValueError, "code must have 256 elements"),
         (lambda A, c: torch.ops.lowbit.quantize_blockwise(A, c.half(), 64), TypeError, "code must have dtype"),
         (
-            lambda A, c: torch.ops.lowbit.dequantize_blockwise(_quantize(A, c, 64)[0], torch.ones(5), c, 64,
-                                                               torch.float32),
+            lambda A, c: torch.ops.lowbit.dequantize_blockwise(
+                _quantize(A, c, 64)[0], torch.ones(5), c, 64, torch.float32
+            ),
             ValueError,
             "absmax must have 2 elements",
         ),

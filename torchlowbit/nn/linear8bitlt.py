@@ -59,7 +59,7 @@ class _TrainableInt8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype))
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)

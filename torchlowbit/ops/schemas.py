@@ -11,9 +11,7 @@ LIBRARY = torch.library.Library("lowbit", "DEF")
 # The double-quantized absmax of a 4-bit weight: uint8 codes into ``nested_code``, one float32 scale per
 # ``nested_blocksize`` codes, plus ``nested_offset`` (a 1-element float32 tensor, so that reading it never
 # synchronizes or specializes a graph). Decoded inside the ops that read 4-bit weights.
-_NESTED = (
-    "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256"
-)
+_NESTED = "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256"
 
 # Scalars that schedules change every step are 0-d tensors, so compiled steps do not specialize on them.
 _OPTIM_SCALARS = (
@@ -43,8 +41,7 @@ SCHEMAS = {
         "(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, Tensor? bias=None) -> Tensor"
     ),
     "int8_scaled_mm": (
-        "(Tensor A, Tensor B, Tensor row_stats, Tensor col_stats, Tensor? bias=None, ScalarType? dtype=None)"
-        " -> Tensor"
+        "(Tensor A, Tensor B, Tensor row_stats, Tensor col_stats, Tensor? bias=None, ScalarType? dtype=None) -> Tensor"
     ),
     # LLM.int8: A (float) times the int8 weight CB with row scales SCB, outlier columns in 16-bit;
     # returns (output in A's dtype, bool mask of outlier columns)
@@ -52,8 +49,7 @@ SCHEMAS = {
         "(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> (Tensor, Tensor)"
     ),
     "optimizer_update_32bit": (
-        "(str optimizer_name, Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!)? state2, "
-        f"{_OPTIM_SCALARS}) -> ()"
+        f"(str optimizer_name, Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!)? state2, {_OPTIM_SCALARS}) -> ()"
     ),
     "optimizer_update_8bit_blockwise": (
         "(str optimizer_name, Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!)? state2, "

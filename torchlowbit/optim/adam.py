@@ -7,8 +7,21 @@ from .variants import variant
 class Adam(Optimizer8bit):
     """Adam; ``weight_decay`` is decoupled (applied to the weights, as AdamW), as in the original library."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False) -> None:
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        percentile_clipping=100,
+        block_wise=True,
+        is_paged=False,
+    ) -> None:
         if amsgrad:
             raise ValueError("amsgrad=True is not supported (neither with 8-bit nor 32-bit states)")
         if percentile_clipping != 100 or not block_wise:

@@ -7,8 +7,21 @@ from .variants import variant
 class RMSprop(Optimizer8bit):
     """RMSprop (``alpha`` smooths the squared gradients; eps outside the square root)."""
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True) -> None:
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        percentile_clipping=100,
+        block_wise=True,
+    ) -> None:
         if alpha == 0:
             raise NotImplementedError("alpha=0 is not supported")
         if centered:
@@ -23,8 +36,20 @@ class RMSprop(Optimizer8bit):
 class Adagrad(Optimizer8bit):
     """Adagrad (sum of squared gradients; eps outside the square root)."""
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True) -> None:
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        percentile_clipping=100,
+        block_wise=True,
+    ) -> None:
         if initial_accumulator_value != 0:
             raise ValueError("initial_accumulator_value must be 0 (the only supported value)")
         if lr_decay != 0:
