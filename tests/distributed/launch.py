@@ -1,6 +1,8 @@
 """Run a function in several processes joined in one process group: 2 CPU ranks over gloo, or one GPU each."""
 
+import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -29,6 +31,11 @@ def _entry(rank: int, world_size: int, backend: str, port: int, fn, args: tuple)
         raise
     finally:
         dist.destroy_process_group()
+    # A passing rank leaves at once: torch's teardown of its worker threads at interpreter exit
+    # sometimes aborts ("terminate called without an active exception") after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn, *args, backend: str = "gloo", world_size: int = 2) -> None:

@@ -8,6 +8,7 @@ as with ``torch.optim``, for schedulers under compile). State keys are the origi
 ``step``, ``state1``, ``state2``, ``qmap1``, ``qmap2``, ``absmax1``, ``absmax2``.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,57 @@ _SIGNED_MAP, _UNSIGNED_MAP = create_dynamic_map(signed=True), create_dynamic_map
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     """The local shard of a DTensor (the ops update shards in place), else the tensor itself."""
     return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
+def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = ()) -> torch.Tensor:
+    """Zeros of shape ``(*leading, *p.shape)``; for a DTensor ``p``, a DTensor sharded as ``p`` (shard-sized)."""
+    local = _local(p)
+    zeros = torch.zeros((*leading, *local.shape), dtype=dtype, device=local.device)
+    return zeros if local is p else _sharded_as(zeros, p, leading, (*leading, *p.shape))
+
+
+def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor:
+    """The float32 absmax of an 8-bit state of ``p``: one per block of ``BLOCKSIZE`` of the flattened state.
+
+    For a DTensor ``p`` it is ``(*leading, groups, blocks per group)`` with each group covering whole rows of ``p``
+    and whole blocks, sharded along the groups as ``p`` along its rows: every rank's blocks are then the
+    global blocks, so a checkpoint reshards to another world size.
+    """
+    local = _local(p)
+    if local is p:
+        return torch.zeros((*leading, -(-p.numel() // BLOCKSIZE)), dtype=torch.float32, device=p.device)
+    rows, row_size = (p.shape[0], p[0].numel()) if p.dim() else (1, 1)
+    rows_per_group = math.lcm(row_size, BLOCKSIZE) // row_size
+    placements = tuple(p.placements)
+    if any(pl.is_shard() and pl.dim != 0 for pl in placements):
+        raise ValueError(f"8-bit states need parameters sharded along dim 0 (as FSDP2 does), got {placements}")
+    chunk = -(-rows // math.prod(p.device_mesh.shape))
+    if any(pl.is_shard() for pl in placements) and chunk % rows_per_group:
+        raise ValueError(
+            f"8-bit states of a parameter of shape {list(p.shape)} sharded into pieces of {chunk} rows: each piece "
+            f"must start on a block of {BLOCKSIZE} elements, i.e. hold a multiple of {rows_per_group} rows"
+        )
+    local_rows = local.shape[0] if local.dim() else 1
+    groups = (-(-local_rows // rows_per_group), row_size * rows_per_group // BLOCKSIZE)
+    zeros = torch.zeros((*leading, *groups), dtype=torch.float32, device=local.device)
+    return _sharded_as(zeros, p, leading, (*leading, -(-rows // rows_per_group), groups[1]))
+
+
+def _sharded_as(local: torch.Tensor, p: torch.Tensor, leading: tuple[int, ...], shape: tuple[int, ...]):
+    """``local`` as the shard of a DTensor of ``shape``, placed on ``p``'s mesh as ``p`` (shifted by ``leading``)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = [Shard(pl.dim + len(leading)) if pl.is_shard() else pl for pl in p.placements]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _blocks(absmax: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
+    """The first ``blocks`` entries of each of the ``rows`` states in ``absmax`` (a last group may be partial)."""
+    view = absmax.reshape(rows, -1)[:, :blocks]
+    if not view.is_contiguous():
+        raise ValueError("two first-moment states over a partial last block group are not supported")
+    return view if rows > 1 else view.reshape(-1)
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool = False) -> None:
@@ -67,22 +119,20 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, config: dict[str, Any]) -> None:
         state = self.state[p]
         rule = OPTIMIZERS[self.optimizer_name]
-        shape1 = (rule.state1_rows, *p.shape) if rule.state1_rows > 1 else p.shape
-        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+        leading = (rule.state1_rows,) if rule.state1_rows > 1 else ()
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]  # global size, not a shard's
         dtype = torch.uint8 if eight_bit else torch.float32
         state["step"] = torch.zeros((), dtype=torch.float32)
-        state["state1"] = torch.zeros(shape1, dtype=dtype, device=p.device)
+        state["state1"] = _zeros_like(p, dtype, leading)
         if rule.has_state2:
-            state["state2"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["state2"] = _zeros_like(p, dtype)
         if eight_bit:
-            local = _local(p)
-            blocks = -(-local.numel() // BLOCKSIZE)
-            shape = (rule.state1_rows, blocks) if rule.state1_rows > 1 else (blocks,)
-            state["qmap1"] = _SIGNED_MAP.to(local.device, copy=True)
-            state["absmax1"] = torch.zeros(shape, dtype=torch.float32, device=local.device)
+            device = _local(p).device
+            state["qmap1"] = _SIGNED_MAP.to(device, copy=True)
+            state["absmax1"] = _absmax_like(p, leading)
             if rule.has_state2:
-                state["qmap2"] = _UNSIGNED_MAP.to(local.device, copy=True)
-                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=local.device)
+                state["qmap2"] = _UNSIGNED_MAP.to(device, copy=True)
+                state["absmax2"] = _absmax_like(p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,10 +165,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         )  # fmt: skip
         tensors = (_local(p), _local(p.grad), _local(state["state1"]), _local(state.get("state2")))
         if "absmax1" in state:
+            blocks = -(-tensors[0].numel() // BLOCKSIZE)
+            absmax1 = _blocks(_local(state["absmax1"]), OPTIMIZERS[self.optimizer_name].state1_rows, blocks)
+            absmax2 = state.get("absmax2")
+            absmax = absmax1, None if absmax2 is None else _blocks(_local(absmax2), 1, blocks)
             torch.ops.lowbit.optimizer_update_8bit_blockwise(
-                self.optimizer_name, *tensors, state["absmax1"], state.get("absmax2"), state["qmap1"],
-                state.get("qmap2"), *scalars,
-            )  # fmt: skip
+                self.optimizer_name, *tensors, *absmax, state["qmap1"], state.get("qmap2"), *scalars
+            )
         else:
             torch.ops.lowbit.optimizer_update_32bit(self.optimizer_name, *tensors, *scalars)
 
