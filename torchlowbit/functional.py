@@ -192,7 +192,13 @@ def _tensors_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def _pack_dict(d: dict[str, Any]) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
+    """JSON bytes; floats have a fixed width (9 significant digits: exact for float32), so the tensor's length
+    depends only on the layout, as ``torch.distributed.checkpoint`` needs to load it in place."""
+    floats = {k: v for k, v in d.items() if isinstance(v, float)}
+    text = json.dumps({k: f"@{k}" if k in floats else v for k, v in d.items()})
+    for k, v in floats.items():
+        text = text.replace(f'"@{k}"', f"{v:.8e}")
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
 def _unpack_dict(t: torch.Tensor) -> dict[str, Any]:

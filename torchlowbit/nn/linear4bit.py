@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import functional as F
 from .params4bit import Params4bit
 from .weight_loading import LoadsQuantizedWeight
 
@@ -43,8 +44,8 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
 
-    def _check_weight(self) -> Params4bit:
-        weight = self.weight
+    def _check_weight(self, weight: torch.Tensor | None = None) -> Params4bit:
+        weight = self.weight if weight is None else weight
         if not isinstance(weight, Params4bit):
             raise TypeError(f"{type(self).__name__}.weight must be a Params4bit, got {type(weight).__name__}")
         if weight.logical_shape != (self.out_features, self.in_features):
@@ -71,26 +72,27 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
         )  # fmt: skip
         return out.to(x.dtype)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        weight = self._check_weight()
-        entries = {"weight": weight.packed}
-        entries.update({f"weight.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()})
-        for key, value in entries.items():
-            destination[prefix + key] = value if keep_vars else value.detach()
+    def _weight_state(self, weight: Params4bit) -> dict[str, torch.Tensor]:
+        weight = self._check_weight(weight)
+        stats = weight.quant_state.as_dict(packed=True)
+        return {"weight": weight.packed, **{f"weight.{k}": v for k, v in stats.items()}}
 
     def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
         key = prefix + "weight"
         return {key, *(k for k in state_dict if k.startswith(key + "."))}
 
-    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device) -> Params4bit:
+    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device, current: Params4bit) -> Params4bit:
         """The checkpoint's weight: packed with its ``weight.*`` quant state, or a float weight to quantize."""
         key = prefix + "weight"
-        current = self._check_weight()
+        current = self._check_weight(current)
         stats = {k[len(key) + 1 :]: v for k, v in state_dict.items() if k.startswith(key + ".")}
         if not stats:
             return current._quantized_like(state_dict[key].to(device))
-        loaded = Params4bit.from_prequantized(state_dict[key], stats, device=device)
+        data = state_dict[key].to(device)
+        if data.shape == current.shape:  # also a row shard under FSDP2: the copy checks its layout
+            loaded = Params4bit(data, quant_state=F.QuantState.from_dict(qs_dict=stats, device=device))
+        else:
+            loaded = Params4bit.from_prequantized(data, stats, device=device)
         for what, have, got in (
             ("quant_type", current.quant_type, loaded.quant_type),
             ("shape", current.logical_shape, loaded.logical_shape),

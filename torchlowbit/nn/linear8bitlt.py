@@ -108,31 +108,27 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
             state._outliers = outliers
         return out
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        weight = self.weight
-        if isinstance(weight, Int8Params):
-            destination[prefix + "weight"] = weight.CB if keep_vars else weight.CB.detach()
-            destination[prefix + "SCB"] = weight.SCB if keep_vars else weight.SCB.detach()
-            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    def _weight_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not isinstance(weight, Int8Params):
+            return {}  # a float weight is saved as it is
+        return {"weight": weight.CB, "SCB": weight.SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
     def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
         return {prefix + "weight", prefix + "SCB", prefix + "weight_format"}
 
-    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device) -> torch.Tensor:
+    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device, current: torch.Tensor):
         """The checkpoint's weight: int8 with its ``SCB``, or float (quantized unless the weights are fp16)."""
         data, SCB = state_dict[prefix + "weight"], state_dict.get(prefix + "SCB")
         weight_format = state_dict.get(prefix + "weight_format")
         if weight_format is not None and int(weight_format) != 0:
             raise ValueError(f"weight_format must be 0 (row-major; tiled layouts are gone), got {int(weight_format)}")
-        expected = (self.out_features, self.in_features)
+        expected = tuple(current.shape)  # a row shard under FSDP2
         if tuple(data.shape) != expected:
             raise ValueError(f"checkpoint weight has shape {list(data.shape)}, expected {list(expected)}")
         data = data.to(device)
         if SCB is not None:
             if self.state.has_fp16_weights:
                 raise ValueError("cannot load an int8 checkpoint (with SCB) into a layer with has_fp16_weights=True")
-            current = self.weight
             dtype = current.meta.dtype if isinstance(current, Int8Params) else torch.float16
             return Int8Params.from_quantized(data, SCB.to(device), dtype=dtype)
         if not data.is_floating_point():

@@ -6,6 +6,7 @@ tensor takes the shape, dtype and device of the first inner tensor (the stored c
 with the weight, a dtype cast never touches the codes, and ``copy_`` of a float tensor quantizes it.
 """
 
+import math
 from collections.abc import Callable, Hashable
 from typing import ClassVar
 
@@ -83,12 +84,18 @@ class QuantizedParameter(torch.Tensor):
         _check_even_shards(self, outer_size[0], mesh.size())
         names = tuple(self._rows_per_entry())
         inputs = tuple(getattr(self, name).view(torch.uint8) for name in names)
+        shapes = tuple(t.shape for t in inputs)
+        if mesh.size() == 1:  # FSDP2 copies a single input when there is nothing to gather
+            inputs = (torch.cat([t.reshape(-1) for t in inputs]),)
         whole = {name: t for name, t in self.inner().items() if name not in names}
-        return inputs, (names, tuple(getattr(self, name).dtype for name in names), whole, self.meta)
+        return inputs, (names, tuple(getattr(self, name).dtype for name in names), shapes, whole, self.meta)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         """The unsharded weight over the all-gathered bytes (``param_dtype`` never converts codes)."""
-        names, dtypes, whole, meta = metadata
+        names, dtypes, shapes, whole, meta = metadata
+        if len(all_gather_outputs) < len(names):  # the single input of a 1-rank mesh
+            pieces = all_gather_outputs[0].view(-1).split([math.prod(shape) for shape in shapes])
+            all_gather_outputs = [t.view(shape) for t, shape in zip(pieces, shapes, strict=True)]
         gathered = {name: t.view(dtype) for name, t, dtype in zip(names, all_gather_outputs, dtypes, strict=True)}
         if out is not None:
             for name, t in gathered.items():

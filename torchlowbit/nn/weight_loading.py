@@ -1,8 +1,12 @@
-"""``LoadsQuantizedWeight``: state-dict loading of a quantized ``weight`` and its companion entries.
+"""``LoadsQuantizedWeight``: the state-dict entries of a quantized ``weight`` (saving and loading).
 
 The checkpoint's weight is decoded and validated before anything in the module changes, so a rejected
 checkpoint leaves the module as it was. A weight on the meta device, or ``load_state_dict(assign=True)``,
 takes the checkpoint's tensors; otherwise they are copied into the existing weight in place.
+
+Under FSDP2 the weight is a DTensor over a row shard of the quantized weight: the entries cut with the rows
+(codes, scales) are then DTensors sharded the same way and the rest are whole, so ``get_model_state_dict``
+and ``torch.distributed.checkpoint`` see the same keys as an unsharded module and can reshard them.
 """
 
 import torch
@@ -18,9 +22,33 @@ class LoadsQuantizedWeight(nn.Module):
         """The state-dict keys that together make up the weight."""
         raise NotImplementedError
 
-    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device) -> torch.Tensor:
-        """The checkpoint's weight on ``device``, checked against this module; raises on a mismatch."""
+    def _weight_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state-dict entries (without prefix) that a quantized weight adds to ``nn.Module``'s own."""
         raise NotImplementedError
+
+    def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device, current: torch.Tensor):
+        """The checkpoint's weight on ``device``, checked against ``current``; raises on a mismatch."""
+        raise NotImplementedError
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """Lets ``torch.distributed.checkpoint.state_dict`` resolve keys such as ``weight.absmax`` or ``SCB``."""
+        return {key.split(".")[0]: "_state_dict_keys" for key in self._state_keys()}
+
+    @property
+    def _state_dict_keys(self) -> "_KeyTree":
+        return _KeyTree(self._state_keys())
+
+    def _state_keys(self) -> list[str]:
+        local = _local(self.weight)
+        return list(self._weight_state(local)) if isinstance(local, QuantizedParameter) else []
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = self.weight
+        local = _local(weight)
+        for key, value in self._weight_state(local).items():
+            value = value if local is weight else _sharded_entry(value, local, weight)
+            destination[prefix + key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -30,15 +58,21 @@ class LoadsQuantizedWeight(nn.Module):
         if key not in state_dict and strict:
             missing_keys.append(key)  # and load nothing else: a rejected checkpoint changes nothing
             return
+        ours = self._weight_entries(state_dict, prefix)
         if key in state_dict:
-            current = self.weight
-            assign = local_metadata.get("assign_to_params_buffers", False) or current.is_meta
+            current = _local(self.weight)
+            sharded = current is not self.weight
+            assign = not sharded and (local_metadata.get("assign_to_params_buffers", False) or current.is_meta)
+            entries = {k: _local(v) for k, v in state_dict.items() if k in ours}
             try:
-                loaded = self._decode_weight(state_dict, prefix, state_dict[key].device if assign else current.device)
+                loaded = self._decode_weight(
+                    entries, prefix, entries[key].device if assign else current.device, current
+                )
+                if sharded and not _copyable(current, loaded):
+                    raise ValueError(f"a sharded {type(current).__name__} loads only a checkpoint of its own layout")
             except (ValueError, TypeError, KeyError) as error:
                 error_msgs.append(f"While loading {key} into {type(self).__name__}: {error}")
                 return
-        ours = self._weight_entries(state_dict, prefix)
         rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if loaded is None:
@@ -51,6 +85,37 @@ class LoadsQuantizedWeight(nn.Module):
                 current.copy_(loaded)
             if isinstance(current, QuantizedParameter):
                 current.meta = loaded.meta  # the checkpoint's metadata (e.g. dtype) comes with it
+
+
+class _KeyTree:
+    """Attributes along dotted keys: ``_KeyTree(["weight.absmax"]).weight.absmax`` exists."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = keys
+
+    def __getattr__(self, name: str) -> "_KeyTree":
+        rest = [key[len(name) + 1 :] for key in self._keys if key == name or key.startswith(name + ".")]
+        if not rest:
+            raise AttributeError(name)
+        return _KeyTree([key for key in rest if key])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sharded_entry(value: torch.Tensor, local: QuantizedParameter, weight: torch.Tensor) -> torch.Tensor:
+    """``value``, one of ``local``'s row-cut inner tensors, as a DTensor sharded like ``weight``; else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    for name, rows_per_entry in local._rows_per_entry().items():
+        if value is getattr(local, name):
+            shape = (-(-weight.shape[0] // rows_per_entry), *value.shape[1:])
+            stride = torch.empty(shape, device="meta").stride()
+            return DTensor.from_local(value, weight.device_mesh, weight.placements, run_check=False, shape=shape,
+                                      stride=stride)  # fmt: skip
+    return value
 
 
 def _copyable(current: torch.Tensor, loaded: torch.Tensor) -> bool:
