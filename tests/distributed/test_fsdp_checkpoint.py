@@ -31,7 +31,7 @@ def _sharded(device, seed: int):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, bnb.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=256)
+    return model, bnb.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=1024)
 
 
 def _train(model, optimizer, steps: range, device) -> torch.Tensor:
@@ -114,7 +114,7 @@ def _per_rank_memory(device) -> None:
     world = dist.get_world_size()
     torch.manual_seed(0)
     whole = TinyLlama().to(device)
-    whole_optimizer = bnb.optim.AdamW8bit([p for p in whole.parameters() if p.requires_grad], min_8bit_size=256)
+    whole_optimizer = bnb.optim.AdamW8bit([p for p in whole.parameters() if p.requires_grad], min_8bit_size=1024)
     model, optimizer = _sharded(device, seed=0)
     for m, opt in ((whole, whole_optimizer), (model, optimizer)):
         loss_fn(m, TOKENS[0].to(device)).backward()

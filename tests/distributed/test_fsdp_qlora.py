@@ -13,11 +13,12 @@ from torch.distributed.fsdp import fully_shard
 import torchlowbit as bnb
 
 STEPS = 6
+MIN_8BIT_SIZE = 1024  # the larger adapters get 8-bit states, the smaller 32-bit ones
 
 
 def _optimizer(model: torch.nn.Module) -> bnb.optim.AdamW8bit:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return bnb.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=256)  # the adapters get 8-bit states
+    return bnb.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=MIN_8BIT_SIZE)
 
 
 def _train(model, tokens, steps: int, scale: float = 1.0) -> list[float]:
@@ -51,9 +52,12 @@ def _qlora_matches_one_process(device, compiled: bool, ac: bool) -> None:
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-4, atol=1e-5)
     assert losses[-1] < losses[0]
 
+    dtypes = set()
     for p, state in optimizer.state.items():  # shard-sized states, 8-bit by the global size
         assert state["state1"].to_local().numel() == p.to_local().numel()
-        assert state["state1"].dtype == (torch.uint8 if p.numel() >= 256 else torch.float32)
+        assert state["state1"].dtype == (torch.uint8 if p.numel() >= MIN_8BIT_SIZE else torch.float32)
+        dtypes.add(state["state1"].dtype)
+    assert dtypes == {torch.uint8, torch.float32}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

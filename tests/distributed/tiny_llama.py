@@ -1,4 +1,5 @@
-"""A small Llama-shaped model for QLoRA tests and benchmarks: frozen 4-bit (or bf16) linears plus LoRA adapters."""
+"""A small Llama-shaped model for QLoRA tests and benchmarks: a frozen base (4-bit or float linears, embeddings,
+norms) with float32 LoRA adapters, the only trainable parameters (FSDP2 wants one dtype among those)."""
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, quantized: bool, dtype: torch.dtype, ac: bool) -> None:
         super().__init__()
         self.heads, self.ac = heads, ac
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(dim, dtype=dtype), nn.RMSNorm(dim, dtype=dtype)
+        self.attn_norm = nn.RMSNorm(dim, dtype=dtype).requires_grad_(False)
+        self.mlp_norm = nn.RMSNorm(dim, dtype=dtype).requires_grad_(False)
         self.qkv = _linear(dim, 3 * dim, quantized, dtype)
         self.out = _linear(dim, dim, quantized, dtype)
         self.gate_up = _linear(dim, 2 * hidden, quantized, dtype)
@@ -61,7 +63,7 @@ class TinyLlama(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, dtype=dtype).requires_grad_(False)
         self.blocks = nn.ModuleList(Block(dim, heads, hidden, quantized, dtype, ac) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim, dtype=dtype)
+        self.norm = nn.RMSNorm(dim, dtype=dtype).requires_grad_(False)
         self.head = nn.Linear(dim, vocab, bias=False, dtype=dtype).requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
