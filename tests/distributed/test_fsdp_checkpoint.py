@@ -124,7 +124,7 @@ def _per_rank_memory(device) -> None:
     total, local = (sum(_bytes(w.inner().values()) for w in ws) for ws in (weights, shards))
     whole_on_every_rank = sum(_bytes([w.nested_absmax, w.nested_code, w.nested_offset]) for w in weights)
     assert local == (total - whole_on_every_rank) / world + whole_on_every_rank  # the second-level scales
-    local_state = torch.tensor(_state_bytes(optimizer))
+    local_state = torch.tensor(_state_bytes(optimizer), device=device)
     summed = local_state.clone()
     dist.all_reduce(summed)
     whole_state = _state_bytes(whole_optimizer)
