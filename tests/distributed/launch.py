@@ -1,5 +1,6 @@
 """Run a function in several processes joined in one process group: 2 CPU ranks over gloo, or one GPU each."""
 
+import inspect
 import os
 import socket
 import sys
@@ -8,8 +9,12 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
 BACKENDS = ["gloo"] + (["nccl"] if torch.cuda.device_count() >= 2 else [])
+# Before torch 2.13, FSDP2 wraps every shard as nn.Parameter(dtensor) with requires_grad=True, which
+# integer tensors (uint8-stored 4-bit codes, int8 weights) cannot take; floating quant_storage works there.
+INTEGER_PARAMS = "requires_grad=param.requires_grad" in inspect.getsource(FSDPParam._init_sharded_param)
 
 
 def _free_port() -> int:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from launch import BACKENDS, run
+from launch import BACKENDS, INTEGER_PARAMS, run
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -71,6 +71,8 @@ def _forward_matches_unsharded(device, storage, nested, reshard, mixed, offload)
 @pytest.mark.parametrize("storage", list(STORAGE))
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
 def test_4bit_forward_and_bytes(backend, storage, nested):
+    if storage == "uint8" and not INTEGER_PARAMS:
+        pytest.skip("this torch's FSDP2 cannot shard integer parameters; use a floating quant_storage")
     run(_forward_matches_unsharded, storage, nested, True, False, False, backend=backend)
 
 
@@ -111,6 +113,8 @@ def _int8_forward_matches_unsharded(device, reshard) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
 def test_int8_forward(backend, reshard):
+    if not INTEGER_PARAMS:
+        pytest.skip("this torch's FSDP2 cannot shard integer parameters")
     run(_int8_forward_matches_unsharded, reshard, backend=backend)
 
 
