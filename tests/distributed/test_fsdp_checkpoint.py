@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from launch import BACKENDS, run
+from launch import BACKENDS, INTEGER_PARAMS, run
 from tiny_llama import TinyLlama, loss_fn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -135,3 +135,36 @@ def _per_rank_memory(device) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_rank_memory_is_a_shard(backend):
     run(_per_rank_memory, backend=backend)
+
+
+def _int8_model(device, seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers = [bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False, threshold=6.0) for i, o in [(64, 128), (128, 64)]]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def _int8_checkpoint_round_trip(device, path: str) -> None:
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    reference = _int8_model(device, seed=0)
+    model, fresh = _int8_model(device, seed=0), _int8_model(device, seed=1)
+    for m in (model, fresh):
+        for layer in m:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    expected = reference.state_dict()
+    assert full.keys() == expected.keys() and {"0.SCB", "0.weight_format"} <= full.keys()
+    assert all(torch.equal(full[k].cpu(), v.cpu()) for k, v in expected.items())
+    dcp.save(get_model_state_dict(model), checkpoint_id=path)
+    states = get_model_state_dict(fresh)
+    dcp.load(states, checkpoint_id=path)
+    set_model_state_dict(fresh, states)
+    x = torch.randn(3, 64, device=device)
+    torch.testing.assert_close(fresh(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_full_state_dict_and_dcp(backend, tmp_path):
+    if not INTEGER_PARAMS:
+        pytest.skip("this torch's FSDP2 cannot shard integer parameters")
+    run(_int8_checkpoint_round_trip, str(tmp_path / "ckpt"), backend=backend)
