@@ -240,3 +240,48 @@ def test_every_variant_is_an_optimizer8bit():
     names = [n for n in bnb.optim.__all__ if n != "GlobalOptimManager"]
     assert all(issubclass(getattr(bnb.optim, n), Optimizer8bit) for n in names)
     assert bnb.optim.PagedAdamW8bit([_param("cpu")]).is_paged
+
+
+PAGED = [
+    (bnb.optim.PagedAdamW8bit, bnb.optim.AdamW8bit),
+    (bnb.optim.PagedAdam32bit, bnb.optim.Adam32bit),
+    (bnb.optim.PagedLion8bit, bnb.optim.Lion8bit),
+    (bnb.optim.PagedAdEMAMix8bit, bnb.optim.AdEMAMix8bit),
+]
+
+
+@pytest.mark.parametrize("paged, plain", PAGED, ids=lambda v: v.__name__)
+def test_paged_steps_equal_unpaged(device, paged, plain):
+    p_paged, p_plain = _param(device, shape=(256, 80)), _param(device, shape=(256, 80))
+    grads = _grads(device, 5, shape=(256, 80))
+    opt_paged, opt_plain = paged([p_paged], lr=1e-3), plain([p_plain], lr=1e-3)
+    _run(opt_paged, p_paged, grads)
+    _run(opt_plain, p_plain, grads)
+    assert torch.equal(p_paged, p_plain)
+    for name, value in opt_plain.state[p_plain].items():
+        assert torch.equal(opt_paged.state[p_paged][name], value), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_states_live_in_managed_memory_and_survive_a_reload():
+    p = _param("cuda", shape=(1024, 1024))
+    optimizer = bnb.optim.PagedAdamW8bit([p])
+    before = torch.cuda.memory_allocated()
+    _run(optimizer, p, _grads("cuda", 1, shape=(1024, 1024)))
+    in_allocator = torch.cuda.memory_allocated() - before
+    assert in_allocator < 2 * p.numel() // 4  # two 1 MiB uint8 states are outside PyTorch's allocator
+    reloaded = bnb.optim.PagedAdamW8bit([p])
+    reloaded.load_state_dict(optimizer.state_dict())
+    before = torch.cuda.memory_allocated()
+    _run(reloaded, p, _grads("cuda", 1, shape=(1024, 1024), seed=2))
+    assert torch.cuda.memory_allocated() - before < 2 * p.numel() // 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_states_never_exceed_free_memory(monkeypatch):
+    p = _param("cuda", shape=(1024, 1024))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 1 << 30))
+    optimizer = bnb.optim.PagedAdamW32bit([p])
+    p.grad = torch.ones_like(p)
+    with pytest.raises(torch.OutOfMemoryError, match="free"):
+        optimizer.step()

@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     int8_mixed_linear,
     int8_vectorwise_quant,
     optimizer_update,
+    paged_memory,
     quantize_4bit,
     quantize_blockwise,
     schemas,

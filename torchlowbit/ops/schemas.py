@@ -56,6 +56,11 @@ SCHEMAS = {
         "Tensor(d!) absmax1, Tensor(e!)? absmax2, Tensor qmap1, Tensor? qmap2, "
         f"{_OPTIM_SCALARS}) -> ()"
     ),
+    # Paged optimizer states: an uninitialized tensor on ``like``'s device, in CUDA managed memory there
+    # (the driver pages it to the host under memory pressure); and moving one to its device (or the host)
+    # ahead of use, asynchronously on the current stream. On other devices: ordinary memory, a no-op.
+    "paged_empty": "(Tensor like, int[] size, ScalarType dtype) -> Tensor",
+    "prefetch_": "(Tensor(a!) t, bool to_device=True) -> ()",
 }
 
 for _name, _schema in SCHEMAS.items():

@@ -28,11 +28,42 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if t is not None and hasattr(t, "to_local") else t
 
 
-def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = ()) -> torch.Tensor:
-    """Zeros of shape ``(*leading, *p.shape)``; for a DTensor ``p``, a DTensor sharded as ``p`` (shard-sized)."""
+def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = (), paged: bool = False):
+    """Zeros of shape ``(*leading, *p.shape)``; for a DTensor ``p``, a DTensor sharded as ``p`` (shard-sized).
+
+    ``paged``: in CUDA managed memory (``lowbit::paged_empty``), never more than the device has free.
+    """
     local = _local(p)
-    zeros = torch.zeros((*leading, *local.shape), dtype=dtype, device=local.device)
+    shape = (*leading, *local.shape)
+    if paged:
+        _check_fits(local.device, math.prod(shape) * dtype.itemsize)
+        zeros = torch.ops.lowbit.paged_empty(local, list(shape), dtype).zero_()
+    else:
+        zeros = torch.zeros(shape, dtype=dtype, device=local.device)
     return zeros if local is p else _sharded_as(zeros, p, leading, (*leading, *p.shape))
+
+
+def _paged_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into paged memory (a DTensor keeps its placements)."""
+    local = _local(t)
+    _check_fits(local.device, local.numel() * local.element_size())
+    paged = torch.ops.lowbit.paged_empty(local, list(local.shape), local.dtype).copy_(local)
+    if local is t:
+        return paged
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(paged, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+
+def _check_fits(device: torch.device, nbytes: int) -> None:
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return
+    free = torch.cuda.mem_get_info(device)[0]
+    if nbytes > free:
+        raise torch.OutOfMemoryError(
+            f"a paged optimizer state of {nbytes} bytes is more than the {free} bytes free on {device}; "
+            "paged states are never allocated beyond the device's free memory"
+        )
 
 
 def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor:
@@ -123,9 +154,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]  # global size, not a shard's
         dtype = torch.uint8 if eight_bit else torch.float32
         state["step"] = torch.zeros((), dtype=torch.float32)
-        state["state1"] = _zeros_like(p, dtype, leading)
+        state["state1"] = _zeros_like(p, dtype, leading, self.is_paged)
         if rule.has_state2:
-            state["state2"] = _zeros_like(p, dtype)
+            state["state2"] = _zeros_like(p, dtype, paged=self.is_paged)
         if eight_bit:
             device = _local(p).device
             state["qmap1"] = _SIGNED_MAP.to(device, copy=True)
@@ -164,6 +195,10 @@ class Optimizer8bit(torch.optim.Optimizer):
             1.0, config.get("max_unorm", 0.0), config.get("skip_zeros", False),
         )  # fmt: skip
         tensors = (_local(p), _local(p.grad), _local(state["state1"]), _local(state.get("state2")))
+        if self.is_paged:  # managed memory the driver may have paged out: bring it back ahead of the update
+            for t in tensors[2:]:
+                if t is not None:
+                    torch.ops.lowbit.prefetch_(t)
         if "absmax1" in state:
             blocks = -(-tensors[0].numel() // BLOCKSIZE)
             absmax1 = _blocks(_local(state["absmax1"]), OPTIMIZERS[self.optimizer_name].state1_rows, blocks)
@@ -195,7 +230,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 saved, state = states.get(saved_id, {}), self.state[p]
                 for name in _QUANT_STATE_NAMES:
                     if name in saved:
-                        state[name] = saved[name].to(p.device, copy=True)
+                        value = saved[name].to(p.device, copy=True)
+                        paged = self.is_paged and name in ("state1", "state2")
+                        state[name] = _paged_copy(value) if paged else value
                 if "step" in state:
                     state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
 
