@@ -265,16 +265,18 @@ def test_paged_steps_equal_unpaged(device, paged, plain):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paged_states_live_in_managed_memory_and_survive_a_reload():
     p = _param("cuda", shape=(1024, 1024))
+    p.grad = torch.ones_like(p)
     optimizer = bnb.optim.PagedAdamW8bit([p])
     before = torch.cuda.memory_allocated()
-    _run(optimizer, p, _grads("cuda", 1, shape=(1024, 1024)))
-    in_allocator = torch.cuda.memory_allocated() - before
-    assert in_allocator < 2 * p.numel() // 4  # two 1 MiB uint8 states are outside PyTorch's allocator
+    optimizer.step()
+    # the two 1 MiB uint8 states live outside PyTorch's caching allocator; only the absmax (32 KiB) is inside
+    assert torch.cuda.memory_allocated() - before < p.numel() // 2
     reloaded = bnb.optim.PagedAdamW8bit([p])
-    reloaded.load_state_dict(optimizer.state_dict())
     before = torch.cuda.memory_allocated()
-    _run(reloaded, p, _grads("cuda", 1, shape=(1024, 1024), seed=2))
-    assert torch.cuda.memory_allocated() - before < 2 * p.numel() // 4
+    reloaded.load_state_dict(optimizer.state_dict())
+    assert all(torch.equal(reloaded.state[p][k], v) for k, v in optimizer.state[p].items() if k != "step")
+    reloaded.step()
+    assert torch.cuda.memory_allocated() - before < p.numel() // 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
