@@ -262,7 +262,7 @@ def test_paged_steps_equal_unpaged(device, paged, plain):
         assert torch.equal(opt_paged.state[p_paged][name], value), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not bnb.ops.CUDA_EXTENSION_LOADED, reason="needs the CUDA extension (managed memory)")
 def test_paged_states_live_in_managed_memory_and_survive_a_reload():
     p = _param("cuda", shape=(1024, 1024))
     p.grad = torch.ones_like(p)
