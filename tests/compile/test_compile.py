@@ -205,3 +205,36 @@ def test_compiling_an_unquantized_weight_names_the_module():
     layer.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
     with pytest.raises(Exception, match="Linear4bit.weight must be a Params4bit"):
         torch.compile(layer, fullgraph=True)(torch.randn(2, 64))
+
+
+_HASH_SCRIPT = """
+import torch, torchlowbit as bnb
+torch.manual_seed({seed})
+print(bnb.nn.Linear4bit(64, 32, quant_type="nf4").weight._stable_hash_for_caching())
+print(bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).weight._stable_hash_for_caching())
+"""
+
+
+def test_stable_hash_for_caching_is_the_same_across_processes_and_layout_only():
+    def hashes(seed: int) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _HASH_SCRIPT.format(seed=seed)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    first = hashes(0)
+    assert first == hashes(1)  # other weights, same layout: the same key (the data is not hashed)
+    torch.manual_seed(0)
+    assert bnb.nn.Linear4bit(64, 32, quant_type="nf4").weight._stable_hash_for_caching() == first[0]
+    other = bnb.nn.Linear4bit(64, 32, quant_type="fp4").weight._stable_hash_for_caching()
+    assert other != first[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reduce_overhead_cuda_graphs_match_eager():
+    block = _block("cuda")
+    tokens = _tokens("cuda")
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(tokens)
+        torch.testing.assert_close(out, block(tokens), rtol=1e-5, atol=1e-5)

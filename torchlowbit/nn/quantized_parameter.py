@@ -6,6 +6,7 @@ tensor takes the shape, dtype and device of the first inner tensor (the stored c
 with the weight, a dtype cast never touches the codes, and ``copy_`` of a float tensor quantizes it.
 """
 
+import hashlib
 import math
 from collections.abc import Callable, Hashable
 from typing import ClassVar
@@ -112,6 +113,17 @@ class QuantizedParameter(torch.Tensor):
     @classmethod
     def __tensor_unflatten__(cls, inner: dict, meta: Hashable, outer_size, outer_stride) -> "QuantizedParameter":
         return cls._make(inner, meta)
+
+    def _stable_hash_for_caching(self) -> str:
+        """The same in every process for the same layout: type, metadata, inner tensors' shapes (not data).
+
+        torch.compile's AOT autograd cache keys graphs by it (Python's ``hash`` changes between processes).
+        """
+        parts = [type(self).__qualname__, repr(self.meta)]
+        for name, t in self.inner().items():
+            if t is not None:
+                parts.append(f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.device.type}")
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def __reduce_ex__(self, protocol):
         return _rebuild, (type(self), self.inner(), self.meta)
