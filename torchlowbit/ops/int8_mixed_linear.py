@@ -41,11 +41,15 @@ def _(A, CB, SCB, bias=None, threshold=0.0):
     _check(A, CB, SCB, bias, threshold)
     CA, SCA, outlier_cols = torch.ops.lowbit.int8_vectorwise_quant(A, threshold)
     out = torch.ops.lowbit.int8_scaled_mm(CA, CB, SCA, SCB, bias, torch.float32)
-    columns = outlier_cols.nonzero().view(-1)
-    if columns.numel():
-        rows = as_rows(A).index_select(1, columns).float()
-        weight = CB.index_select(1, columns).float() * (SCB / 127.0)[:, None]
-        out = out + (rows @ weight.T).view(out.shape)
+    if threshold == 0:
+        return out.to(A.dtype), outlier_cols
+    if A.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph cannot capture nonzero's host sync: take all columns, the others zeroed
+        rows, weight = as_rows(A).float() * outlier_cols, CB.float()
+    else:
+        columns = outlier_cols.nonzero().view(-1)
+        rows, weight = as_rows(A).index_select(1, columns).float(), CB.index_select(1, columns).float()
+    out = out + (rows @ (weight * (SCB / 127.0)[:, None]).T).view(out.shape)
     return out.to(A.dtype), outlier_cols
 
 
