@@ -229,7 +229,9 @@ def test_stable_hash_for_caching_is_the_same_across_processes_and_layout_only():
     assert other != first[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    not bnb.ops.CUDA_EXTENSION_LOADED, reason="needs the CUDA extension (some reference kernels synchronize)"
+)
 def test_reduce_overhead_cuda_graphs_match_eager():
     block = _block("cuda")
     tokens = _tokens("cuda")
