@@ -10,7 +10,7 @@ Times are medians of CUDA-event timings of single calls (Python dispatch include
 import argparse
 
 import torch
-from timing import time_ms
+from timing import emit, time_ms
 from torch import nn
 
 import torchlowbit as bnb
@@ -72,10 +72,7 @@ def main() -> None:
             f"{t['eager'] / t['default']:.2f}x | {t['eager'] / t['reduce-overhead']:.2f}x | "
             f"{eager_bf16 / t['reduce-overhead']:.2f}x |"
         )
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

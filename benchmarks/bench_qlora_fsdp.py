@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "distributed"))
+from timing import emit  # noqa: E402
 from tiny_llama import TinyLlama, loss_fn  # noqa: E402
 
 import torchlowbit as bnb  # noqa: E402
@@ -109,10 +110,7 @@ def main() -> None:
                     f"| {mode} | {name} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['params_gib']:.3f} | "
                     f"{r['step_ms'] / bf16['step_ms']:.2f}x | {r['peak_gib'] / bf16['peak_gib']:.2f}x |"
                 )
-        print("\n".join(lines))
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(lines) + "\n")
+        emit(lines, args.out)
     dist.destroy_process_group()
 
 

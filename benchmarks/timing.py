@@ -1,4 +1,5 @@
-"""Timing shared by the benchmark scripts: medians of CUDA-event timings, and the bandwidths they compare to."""
+"""Timing shared by the benchmark scripts: medians of CUDA-event timings, the bandwidths they compare to, and
+printing a result table."""
 
 import math
 import statistics
@@ -42,3 +43,11 @@ def fill_bandwidth(reps: int) -> float:
     n = 1 << 30
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
     return n / time_ms(lambda: dst.fill_(7), reps=reps) / 1e9
+
+
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a result table, and write it to ``out`` when given."""
+    print("\n".join(lines))
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
