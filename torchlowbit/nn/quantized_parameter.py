@@ -169,6 +169,8 @@ def _slice(weight: QuantizedParameter, dim: int = 0, start=None, end=None, step:
 
 
 def _new_zeros(weight: QuantizedParameter, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    if dtype not in (None, weight.dtype):
+        raise ValueError(f"new_zeros of {weight!r} makes a zero weight of its own dtype, not {dtype}")
     if tuple(size[1:]) != tuple(weight.shape[1:]):
         raise ValueError(f"new_zeros of {weight!r} must keep the trailing sizes {list(weight.shape[1:])}, got {size}")
     return weight._new_zeros(size[0], device or weight.device)

@@ -81,8 +81,9 @@ def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor
     placements = tuple(p.placements)
     if any(pl.is_shard() and pl.dim != 0 for pl in placements):
         raise ValueError(f"8-bit states need parameters sharded along dim 0 (as FSDP2 does), got {placements}")
-    chunk = -(-rows // math.prod(p.device_mesh.shape))
-    if any(pl.is_shard() for pl in placements) and chunk % rows_per_group:
+    shards = math.prod(p.device_mesh.size(dim) for dim, pl in enumerate(placements) if pl.is_shard())
+    chunk = -(-rows // shards)
+    if shards > 1 and chunk % rows_per_group:
         raise ValueError(
             f"8-bit states of a parameter of shape {list(p.shape)} sharded into pieces of {chunk} rows: each piece "
             f"must start on a block of {BLOCKSIZE} elements, i.e. hold a multiple of {rows_per_group} rows"
