@@ -1,7 +1,7 @@
 """One optimizer step over 268M float32 parameters (16 tensors of 4096x4096) on CUDA.
 
 Side by side: torch.optim.AdamW(fused=True); torchlowbit's update ops called per tensor (32-bit Adam, 8-bit
-blockwise Adam and Lion; the 8-bit Adam also with the fallback
+blockwise Adam and Lion, each also with TORCHLOWBIT_OPTIM_STAGE=1; the 8-bit Adam also with the fallback
 nearest-code search, and replayed from a CUDA graph, which leaves out the Python and dispatcher time of the
 16 calls); torchlowbit.optim.AdamW8bit's whole
 step; bitsandbytes' AdamW (32-bit), AdamW8bit and Lion8bit when importable.
@@ -86,6 +86,11 @@ def lowbit_steps(params, grads, reps, graph_too):
                 ops.optimizer_update_8bit_blockwise(name, p, g, *st.args(), lr, step, *hyper)
 
         rows.append((f"lowbit {name} 8-bit (ops)", nbytes, time_ms(step8, reps=reps)))
+        os.environ["TORCHLOWBIT_OPTIM_STAGE"] = "1"
+        try:
+            rows.append((f"lowbit {name} 8-bit, cp.async staging (ops)", nbytes, time_ms(step8, reps=reps)))
+        finally:
+            del os.environ["TORCHLOWBIT_OPTIM_STAGE"]
         if name == "adam":
             os.environ["TORCHLOWBIT_OPTIM_SEARCH"] = "tree"
             try:

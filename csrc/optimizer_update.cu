@@ -26,8 +26,9 @@
 // lr and step: a CPU 0-d tensor is read on the host, a device one inside the kernels; nothing synchronizes,
 // and the launches are CUDA-graph capturable (with device lr/step, a replay sees their current values).
 //
-// Knob read at each call, for tests and benchmarks: TORCHLOWBIT_OPTIM_SEARCH=tree forces the fallback
-// search.
+// Knobs read at each call, for tests and benchmarks: TORCHLOWBIT_OPTIM_SEARCH=tree forces the fallback
+// search; TORCHLOWBIT_OPTIM_STAGE=1 stages the next block through shared memory with cp.async (slower so
+// far, see update8_kernel).
 #include "lowbit_common.h"
 
 #include <torch/library.h>
@@ -569,6 +570,7 @@ struct Args8 {
   int64_t nblocks;
   int vec;         // p, g 16-byte aligned; codes 8-byte aligned (AdEMAMix: n % 8 == 0)
   int force_tree;  // TORCHLOWBIT_OPTIM_SEARCH=tree: the fallback search even where a table fits
+  int stage;       // TORCHLOWBIT_OPTIM_STAGE=1: stage the next block through shared memory (cp.async)
   double* partials;
 };
 
@@ -602,30 +604,110 @@ __device__ __forceinline__ void decode_step8(const float* q1, const float* q2, f
   }
 }
 
-constexpr int kThreads8 = 512;
+// cp.async (Ampere+): 16 / 8 bytes global -> shared, completing per thread at cp.async.wait_group.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Bytes one thread stages per block: p and g (8 elements each) and 8 codes per state row.
+template <typename T, int K>
+constexpr int stage_bytes_per_thread() {
+  return 2 * 8 * int(sizeof(T)) + 8 * (state1_rows(K) + (has_state2(K) ? 1 : 0));
+}
+
+// The staging area of one stage: per field, 16-byte (8-byte for codes) slots indexed by thread, so that a
+// warp's shared-memory accesses are contiguous (conflict-free).
+template <typename T, int K>
+struct Stage {
+  static constexpr int kChunks = int(sizeof(T)) / 2;  // 16-byte chunks of 8 elements: fp32 2, 16-bit 1
+  uint32_t base;                                      // shared address of the stage
+  int nthreads;
+  __device__ uint32_t p(int chunk, int tid) const { return base + (chunk * nthreads + tid) * 16; }
+  __device__ uint32_t g(int chunk, int tid) const { return base + ((kChunks + chunk) * nthreads + tid) * 16; }
+  __device__ uint32_t codes(int row, int tid) const {  // row: 0 state1, 1 AdEMAMix's state1 row 1, last state2
+    return base + 2 * kChunks * nthreads * 16 + (row * nthreads + tid) * 8;
+  }
+};
+
+template <typename T, int K>
+__device__ __forceinline__ void stage_issue(const Args8<T>& a, const Stage<T, K>& st, int64_t blk, int tid) {
+  const int64_t e0 = blk * kBlock8 + (tid & 31) * 8;
+  const char* p = reinterpret_cast<const char*>(a.p + e0);
+  const char* g = reinterpret_cast<const char*>(a.g + e0);
+#pragma unroll
+  for (int c = 0; c < Stage<T, K>::kChunks; ++c) {
+    cp_async16(st.p(c, tid), p + 16 * c);
+    cp_async16(st.g(c, tid), g + 16 * c);
+  }
+  cp_async8(st.codes(0, tid), a.s1 + e0);
+  if constexpr (state1_rows(K) == 2) cp_async8(st.codes(1, tid), a.s1 + a.n + e0);
+  if constexpr (has_state2(K)) cp_async8(st.codes(state1_rows(K), tid), a.s2 + e0);
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::Raw8 raw_from_chunks(uint32_t c0, uint32_t c1);
+template <>
+__device__ __forceinline__ Elem<float>::Raw8 raw_from_chunks<float>(uint32_t c0, uint32_t c1) {
+  return {lds128(c0), lds128(c1)};
+}
+template <>
+__device__ __forceinline__ Elem<at::Half>::Raw8 raw_from_chunks<at::Half>(uint32_t c0, uint32_t) {
+  return lds128(c0);
+}
+template <>
+__device__ __forceinline__ Elem<at::BFloat16>::Raw8 raw_from_chunks<at::BFloat16>(uint32_t c0, uint32_t) {
+  return lds128(c0);
+}
+
+constexpr int kMaxThreads8 = 1024;
 constexpr int kNormThreads8 = 512;
 
-// The step. Each warp walks its blocks, the next block's absmax prefetched into registers; CTAs of 512
-// threads, two per SM, load straight into registers. (Staging the next block through shared memory with
-// cp.async was measured slower on an H200, 2026-11-21: Adam 1.92 ms against 1.83, Lion 1.64 against 1.25.)
+// The step. Each warp walks its blocks, the next block's absmax prefetched into registers. Default: CTAs of
+// 512 threads, two per SM, loads straight into registers. Opt-in (TORCHLOWBIT_OPTIM_STAGE=1): one CTA of up
+// to 1024 threads per SM that stages the next block's p, g and codes through per-thread shared-memory slots
+// (cp.async) while it steps the current one. Measured on an H200 (benchmarks/bench_optim.py, 2026-11-21):
+// staging made the 8-bit Adam step slower (1.92 ms against 1.83 for the default structure), Lion much slower
+// (1.64 against 1.25); kept as an option for further measurement.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads8, 2) update8_kernel(const Args8<T> a, const Hyper h) {
+__global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T> a, const Hyper h) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem_raw);
   constexpr bool kTwo = has_state2(K);
   constexpr bool kRows2 = state1_rows(K) == 2;
   const int tid = threadIdx.x, nthreads = blockDim.x;
+  const uint32_t stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(&sh.tab[kTwo ? 2 : 1]));
+  const uint32_t stage_size = uint32_t(nthreads) * stage_bytes_per_thread<T, K>();
   const int lane = tid & 31;
   const int64_t nwarps = int64_t(gridDim.x) * (nthreads >> 5);
+  const int64_t full_blocks = a.vec && a.stage ? a.n / kBlock8 : 0;  // blocks staged through shared memory
 
   // the first block's loads go out before the tables are built
   int64_t blk = int64_t(blockIdx.x) * (nthreads >> 5) + (tid >> 5);
   float next1a = 0.0f, next1b = 0.0f, next2 = 0.0f;
   if (blk < a.nblocks) {
+    if (blk < full_blocks) stage_issue(a, Stage<T, K>{stage0, nthreads}, blk, tid);
     next1a = a.am1[blk];
     if (kRows2) next1b = a.am1[a.nblocks + blk];
     if (kTwo) next2 = a.am2[blk];
   }
+  cp_async_commit();
 
   for (int i = tid; i < 256; i += nthreads) {
     sh.q[0][i] = a.q1[i];
@@ -641,26 +723,38 @@ __global__ void __launch_bounds__(kThreads8, 2) update8_kernel(const Args8<T> a,
   const float* q1 = sh.q[0];
   const float* q2 = sh.q[1];
 
-  for (; blk < a.nblocks; blk += nwarps) {
+  for (int s = 0; blk < a.nblocks; blk += nwarps, s ^= 1) {
     const float am1a = next1a, am1b = next1b, am2 = next2;
     const int64_t nxt = blk + nwarps;
     if (nxt < a.nblocks) {
+      if (nxt < full_blocks) stage_issue(a, Stage<T, K>{stage0 + (s ^ 1) * stage_size, nthreads}, nxt, tid);
       next1a = a.am1[nxt];
       if (kRows2) next1b = a.am1[a.nblocks + nxt];
       if (kTwo) next2 = a.am2[nxt];
     }
+    cp_async_commit();
+    cp_async_wait_one();  // this thread's copies of block blk have landed
 
     const int64_t e0 = blk * kBlock8 + lane * 8;
     const int64_t rem = a.n - e0;
     const int count = rem >= 8 ? 8 : (rem > 0 ? int(rem) : 0);
     const bool full = a.vec && count == 8;
     float pv[8], gv[8];
-    uint2 c1b = make_uint2(0u, 0u), c2 = make_uint2(0u, 0u);
-    load8(a.p + e0, count, full, pv);
-    load8(a.g + e0, count, full, gv);
-    const uint2 c1a = load_codes(a.s1 + e0, count, full);
-    if (kRows2) c1b = load_codes(a.s1 + a.n + e0, count, full);
-    if (kTwo) c2 = load_codes(a.s2 + e0, count, full);
+    uint2 c1a, c1b = make_uint2(0u, 0u), c2 = make_uint2(0u, 0u);
+    if (blk < full_blocks) {
+      const Stage<T, K> st{stage0 + s * stage_size, nthreads};
+      Elem<T>::unpack8(raw_from_chunks<T>(st.p(0, tid), st.p(1, tid)), pv);
+      Elem<T>::unpack8(raw_from_chunks<T>(st.g(0, tid), st.g(1, tid)), gv);
+      c1a = lds64(st.codes(0, tid));
+      if (kRows2) c1b = lds64(st.codes(1, tid));
+      if (kTwo) c2 = lds64(st.codes(state1_rows(K), tid));
+    } else {
+      load8(a.p + e0, count, full, pv);
+      load8(a.g + e0, count, full, gv);
+      c1a = load_codes(a.s1 + e0, count, full);
+      if (kRows2) c1b = load_codes(a.s1 + a.n + e0, count, full);
+      if (kTwo) c2 = load_codes(a.s2 + e0, count, full);
+    }
 
     float n1a[8], n1b[8], n2[8], unused_u = 0.0f, unused_p = 0.0f;
     decode_step8<T, K, false>(q1, q2, pv, gv, c1a, c1b, c2, am1a, am1b, am2, count, h, d, uscale, n1a, n1b, n2,
@@ -681,6 +775,7 @@ __global__ void __launch_bounds__(kThreads8, 2) update8_kernel(const Args8<T> a,
     }
     store8(a.p + e0, count, full, pv);
   }
+  cp_async_wait_all();
 }
 
 // The max_unorm pass: u as the step computes it, direct loads, per-CTA float64 partial sums of u^2 and p^2.
@@ -951,6 +1046,8 @@ void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::T
   const cudaStream_t stream = current_stream();
   const char* search = std::getenv("TORCHLOWBIT_OPTIM_SEARCH");  // debugging and benchmarks: "tree"
   const bool force_tree = search != nullptr && std::string(search) == "tree";
+  const char* staging = std::getenv("TORCHLOWBIT_OPTIM_STAGE");  // benchmarks: "1" stages through cp.async
+  const bool stage = staging != nullptr && std::string(staging) == "1";
 
   dispatch_float(p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -970,6 +1067,7 @@ void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::T
       a.vec = aligned(a.p, 16) && aligned(a.g, 16) && aligned(a.s1, 8) && (a.s2 == nullptr || aligned(a.s2, 8)) &&
               (state1_rows(K) == 1 || n % 8 == 0);
       a.force_tree = force_tree;
+      a.stage = stage;
       a.partials = nullptr;
       at::Tensor partials;
       if (h.flags & kClip) {
@@ -982,24 +1080,35 @@ void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::T
         h.partials = a.partials;
         h.npartials = grid;
       }
-      // 512 threads and the tables in shared memory: as many CTAs per SM as fit (two)
-      const size_t smem = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
+      // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
+      // threads (1024, 768 or 512) as the tables plus two stages allow.
+      const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
       const int device = p.get_device();
+      int threads = 512;
+      size_t smem = tables;
+      if (stage) {
+        int optin = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        threads = kMaxThreads8;
+        while (threads > 256 && tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>() > size_t(optin))
+          threads -= 256;
+        smem = tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>();
+      }
       static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
       if (device >= 64 || attribute_set[device] < smem) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
         if (device < 64) attribute_set[device] = smem;
       }
-      static int ctas_per_sm = 0;  // for this kernel's fixed configuration
-      if (ctas_per_sm == 0) {
+      static int ctas_per_sm[2] = {0, 0};  // [stage]: for this kernel's fixed configurations
+      if (ctas_per_sm[stage] == 0) {
         int n = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, kThreads8, smem));
-        ctas_per_sm = n > 0 ? n : 1;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, threads, smem));
+        ctas_per_sm[stage] = n > 0 ? n : 1;
       }
       const int grid = static_cast<int>(
-          std::min<int64_t>(ceil_div(nblocks, kThreads8 / 32), int64_t(ctas_per_sm) * multiprocessor_count()));
-      update8_kernel<T, K><<<grid, kThreads8, smem, stream>>>(a, h);
+          std::min<int64_t>(ceil_div(nblocks, threads / 32), int64_t(ctas_per_sm[stage]) * multiprocessor_count()));
+      update8_kernel<T, K><<<grid, threads, smem, stream>>>(a, h);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
