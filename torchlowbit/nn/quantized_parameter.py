@@ -4,6 +4,10 @@ A quantized weight is a set of plain inner tensors (codes, scales) plus hashable
 tensor takes the shape, dtype and device of the first inner tensor (the stored codes), so state dicts,
 ``torch.equal`` and module registration see what bitsandbytes users expect. Every inner tensor moves
 with the weight, a dtype cast never touches the codes, and ``copy_`` of a float tensor quantizes it.
+
+Sharding (FSDP2, DTensor): a weight splits along its outer rows, each piece taking the scales of its rows
+(whole quantization blocks only; the second-level scales stay whole), and all-gathers its pieces as raw
+bytes through ``fsdp_pre_all_gather``/``fsdp_post_all_gather``.
 """
 
 import hashlib
