@@ -768,3 +768,14 @@ def test_unknown_quant_type(quant_type):
 def test_negative_threshold():
     with pytest.raises(ValueError, match="threshold"):
         bnb.nn.Linear8bitLt(64, 48, threshold=-1.0)
+
+
+def test_distributed_state_dict_api_resolves_the_quant_state_keys(device):
+    """``get_model_state_dict`` walks every key as attributes (``weight.quant_map``, ``SCB``): it must not fail."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model = nn.Sequential(bnb.nn.LinearNF4(64, 32), bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False)).to(device)
+    state = get_model_state_dict(model)
+    expected = model.state_dict()
+    assert state.keys() == expected.keys() and {"0.weight.quant_map", "1.SCB", "1.weight_format"} <= state.keys()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
