@@ -105,6 +105,8 @@ def _sharded_as(local: torch.Tensor, p: torch.Tensor, leading: tuple[int, ...], 
 
 def _blocks(absmax: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
     """The first ``blocks`` entries of each of the ``rows`` states in ``absmax`` (a last group may be partial)."""
+    if absmax.shape == ((rows, blocks) if rows > 1 else (blocks,)):
+        return absmax  # an unsharded parameter's absmax, as it is
     view = absmax.reshape(rows, -1)[:, :blocks]
     if not view.is_contiguous():
         raise ValueError("two first-moment states over a partial last block group are not supported")
