@@ -12,6 +12,7 @@ and ``torch.distributed.checkpoint`` see the same keys as an unsharded module an
 import torch
 from torch import nn
 
+from .. import _dtensor
 from .quantized_parameter import QuantizedParameter
 
 
@@ -39,13 +40,13 @@ class LoadsQuantizedWeight(nn.Module):
         return _KeyTree(self._state_keys())
 
     def _state_keys(self) -> list[str]:
-        local = _local(self.weight)
+        local = _dtensor.local(self.weight)
         return list(self._weight_state(local)) if isinstance(local, QuantizedParameter) else []
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
-        local = _local(weight)
+        local = _dtensor.local(weight)
         for key, value in self._weight_state(local).items():
             value = value if local is weight else _sharded_entry(value, local, weight)
             destination[prefix + key] = value if keep_vars else value.detach()
@@ -60,10 +61,10 @@ class LoadsQuantizedWeight(nn.Module):
             return
         ours = self._weight_entries(state_dict, prefix)
         if key in state_dict:
-            current = _local(self.weight)
+            current = _dtensor.local(self.weight)
             sharded = current is not self.weight
             assign = not sharded and (local_metadata.get("assign_to_params_buffers", False) or current.is_meta)
-            entries = {k: _local(v) for k, v in state_dict.items() if k in ours}
+            entries = {k: _dtensor.local(v) for k, v in state_dict.items() if k in ours}
             try:
                 loaded = self._decode_weight(
                     entries, prefix, entries[key].device if assign else current.device, current
@@ -100,21 +101,11 @@ class _KeyTree:
         return _KeyTree([key for key in rest if key])
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _sharded_entry(value: torch.Tensor, local: QuantizedParameter, weight: torch.Tensor) -> torch.Tensor:
     """``value``, one of ``local``'s row-cut inner tensors, as a DTensor sharded like ``weight``; else as it is."""
-    from torch.distributed.tensor import DTensor
-
     for name, rows_per_entry in local._rows_per_entry().items():
         if value is getattr(local, name):
-            shape = (-(-weight.shape[0] // rows_per_entry), *value.shape[1:])
-            stride = torch.empty(shape, device="meta").stride()
-            return DTensor.from_local(value, weight.device_mesh, weight.placements, run_check=False, shape=shape,
-                                      stride=stride)  # fmt: skip
+            return _dtensor.sharded_like(value, weight, (-(-weight.shape[0] // rows_per_entry), *value.shape[1:]))
     return value
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import _dtensor
 from ..codebooks import create_dynamic_map
 from ..ops.optimizer_update import BLOCKSIZE, OPTIMIZERS
 from .global_optim_manager import GlobalOptimManager
@@ -23,36 +24,27 @@ _QUANT_STATE_NAMES = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"
 _SIGNED_MAP, _UNSIGNED_MAP = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
 
 
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The local shard of a DTensor (the ops update shards in place), else the tensor itself."""
-    return t.to_local() if t is not None and hasattr(t, "to_local") else t
-
-
 def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = (), paged: bool = False):
     """Zeros of shape ``(*leading, *p.shape)``; for a DTensor ``p``, a DTensor sharded as ``p`` (shard-sized).
 
     ``paged``: in CUDA managed memory (``lowbit::paged_empty``), never more than the device has free.
     """
-    local = _local(p)
+    local = _dtensor.local(p)
     shape = (*leading, *local.shape)
     if paged:
         _check_fits(local.device, math.prod(shape) * dtype.itemsize)
         zeros = torch.ops.lowbit.paged_empty(local, list(shape), dtype).zero_()
     else:
         zeros = torch.zeros(shape, dtype=dtype, device=local.device)
-    return zeros if local is p else _sharded_as(zeros, p, leading, (*leading, *p.shape))
+    return zeros if local is p else _dtensor.sharded_like(zeros, p, (*leading, *p.shape), len(leading))
 
 
 def _paged_copy(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into paged memory (a DTensor keeps its placements)."""
-    local = _local(t)
+    local = _dtensor.local(t)
     _check_fits(local.device, local.numel() * local.element_size())
     paged = torch.ops.lowbit.paged_empty(local, list(local.shape), local.dtype).copy_(local)
-    if local is t:
-        return paged
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(paged, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return paged if local is t else _dtensor.sharded_like(paged, t, tuple(t.shape))
 
 
 def _check_fits(device: torch.device, nbytes: int) -> None:
@@ -73,7 +65,7 @@ def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor
     and whole blocks, sharded along the groups as ``p`` along its rows: every rank's blocks are then the
     global blocks, so a checkpoint reshards to another world size.
     """
-    local = _local(p)
+    local = _dtensor.local(p)
     if local is p:
         return torch.zeros((*leading, -(-p.numel() // BLOCKSIZE)), dtype=torch.float32, device=p.device)
     rows, row_size = (p.shape[0], p[0].numel()) if p.dim() else (1, 1)
@@ -91,16 +83,7 @@ def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor
     local_rows = local.shape[0] if local.dim() else 1
     groups = (-(-local_rows // rows_per_group), row_size * rows_per_group // BLOCKSIZE)
     zeros = torch.zeros((*leading, *groups), dtype=torch.float32, device=local.device)
-    return _sharded_as(zeros, p, leading, (*leading, -(-rows // rows_per_group), groups[1]))
-
-
-def _sharded_as(local: torch.Tensor, p: torch.Tensor, leading: tuple[int, ...], shape: tuple[int, ...]):
-    """``local`` as the shard of a DTensor of ``shape``, placed on ``p``'s mesh as ``p`` (shifted by ``leading``)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    placements = [Shard(pl.dim + len(leading)) if pl.is_shard() else pl for pl in p.placements]
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+    return _dtensor.sharded_like(zeros, p, (*leading, -(-rows // rows_per_group), groups[1]), len(leading))
 
 
 def _blocks(absmax: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
@@ -161,7 +144,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if rule.has_state2:
             state["state2"] = _zeros_like(p, dtype, paged=self.is_paged)
         if eight_bit:
-            device = _local(p).device
+            device = _dtensor.local(p).device
             state["qmap1"] = _SIGNED_MAP.to(device, copy=True)
             state["absmax1"] = _absmax_like(p, leading)
             if rule.has_state2:
@@ -197,16 +180,16 @@ class Optimizer8bit(torch.optim.Optimizer):
             lr, state["step"], beta1, beta2, beta3, config.get("alpha", 0.0), config["eps"], config["weight_decay"],
             1.0, config.get("max_unorm", 0.0), config.get("skip_zeros", False),
         )  # fmt: skip
-        tensors = (_local(p), _local(p.grad), _local(state["state1"]), _local(state.get("state2")))
+        tensors = tuple(_dtensor.local(t) for t in (p, p.grad, state["state1"], state.get("state2")))
         if self.is_paged:  # managed memory the driver may have paged out: bring it back ahead of the update
             for t in tensors[2:]:
                 if t is not None:
                     torch.ops.lowbit.prefetch_(t)
         if "absmax1" in state:
             blocks = -(-tensors[0].numel() // BLOCKSIZE)
-            absmax1 = _blocks(_local(state["absmax1"]), OPTIMIZERS[self.optimizer_name].state1_rows, blocks)
+            absmax1 = _blocks(_dtensor.local(state["absmax1"]), OPTIMIZERS[self.optimizer_name].state1_rows, blocks)
             absmax2 = state.get("absmax2")
-            absmax = absmax1, None if absmax2 is None else _blocks(_local(absmax2), 1, blocks)
+            absmax = absmax1, None if absmax2 is None else _blocks(_dtensor.local(absmax2), 1, blocks)
             torch.ops.lowbit.optimizer_update_8bit_blockwise(
                 self.optimizer_name, *tensors, *absmax, state["qmap1"], state.get("qmap2"), *scalars
             )
