@@ -27,13 +27,12 @@ _SIGNED_MAP, _UNSIGNED_MAP = create_dynamic_map(signed=True), create_dynamic_map
 def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = (), paged: bool = False):
     """Zeros of shape ``(*leading, *p.shape)``; for a DTensor ``p``, a DTensor sharded as ``p`` (shard-sized).
 
-    ``paged``: in CUDA managed memory (``lowbit::paged_empty``), never more than the device has free.
+    ``paged``: in CUDA managed memory (see ``_paged_empty``).
     """
     local = _dtensor.local(p)
     shape = (*leading, *local.shape)
     if paged:
-        _check_fits(local.device, math.prod(shape) * dtype.itemsize)
-        zeros = torch.ops.lowbit.paged_empty(local, list(shape), dtype).zero_()
+        zeros = _paged_empty(local, shape, dtype).zero_()
     else:
         zeros = torch.zeros(shape, dtype=dtype, device=local.device)
     return zeros if local is p else _dtensor.sharded_like(zeros, p, (*leading, *p.shape), len(leading))
@@ -42,20 +41,21 @@ def _zeros_like(p: torch.Tensor, dtype: torch.dtype, leading: tuple[int, ...] = 
 def _paged_copy(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into paged memory (a DTensor keeps its placements)."""
     local = _dtensor.local(t)
-    _check_fits(local.device, local.numel() * local.element_size())
-    paged = torch.ops.lowbit.paged_empty(local, list(local.shape), local.dtype).copy_(local)
+    paged = _paged_empty(local, local.shape, local.dtype).copy_(local)
     return paged if local is t else _dtensor.sharded_like(paged, t, tuple(t.shape))
 
 
-def _check_fits(device: torch.device, nbytes: int) -> None:
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        return
-    free = torch.cuda.mem_get_info(device)[0]
-    if nbytes > free:
-        raise torch.OutOfMemoryError(
-            f"a paged optimizer state of {nbytes} bytes is more than the {free} bytes free on {device}; "
-            "paged states are never allocated beyond the device's free memory"
-        )
+def _paged_empty(like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``lowbit::paged_empty`` on ``like``'s device, never asking for more than a GPU has free."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if like.device.type == "cuda" and not torch.compiler.is_compiling():
+        free = torch.cuda.mem_get_info(like.device)[0]
+        if nbytes > free:
+            raise torch.OutOfMemoryError(
+                f"a paged optimizer state of {nbytes} bytes is more than the {free} bytes free on {like.device}; "
+                "paged states are never allocated beyond the device's free memory"
+            )
+    return torch.ops.lowbit.paged_empty(like, list(shape), dtype)
 
 
 def _absmax_like(p: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor:
@@ -216,8 +216,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 saved, state = states.get(saved_id, {}), self.state[p]
                 for name in _QUANT_STATE_NAMES:
                     if name in saved:
-                        value = saved[name].to(p.device, copy=True)
-                        paged = self.is_paged and name in ("state1", "state2")
+                        paged = self.is_paged and name in ("state1", "state2")  # copied once, into managed memory
+                        value = saved[name].to(p.device, copy=not paged)
                         state[name] = _paged_copy(value) if paged else value
                 if "step" in state:
                     state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
