@@ -25,6 +25,8 @@ def _warn_once(message: str) -> None:
 class Linear4bit(LoadsQuantizedWeight, nn.Linear):
     """``y = x @ dequantize(W).T + b`` with ``W`` stored as NF4/FP4 codes (blockwise absmax, blocksize 64)."""
 
+    _state_roots = ("weight",)
+
     def __init__(
         self,
         input_features: int,

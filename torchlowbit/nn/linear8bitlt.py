@@ -74,6 +74,8 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
     outlier decomposition; ``state.force_no_igemmlt = True`` uses dequantize + 16-bit matmul instead.
     """
 
+    _state_roots = ("weight", "SCB", "weight_format")
+
     def __init__(
         self,
         input_features: int,
@@ -112,9 +114,6 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
         if not isinstance(weight, Int8Params):
             return {}  # a float weight is saved as it is
         return {"weight": weight.CB, "SCB": weight.SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
-
-    def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
-        return {prefix + "weight", prefix + "SCB", prefix + "weight_format"}
 
     def _decode_weight(self, state_dict: dict, prefix: str, device: torch.device, current: torch.Tensor):
         """The checkpoint's weight: int8 with its ``SCB``, or float (quantized unless the weights are fp16)."""

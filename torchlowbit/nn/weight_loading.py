@@ -9,6 +9,8 @@ Under FSDP2 the weight is a DTensor over a row shard of the quantized weight: th
 and ``torch.distributed.checkpoint`` see the same keys as an unsharded module and can reshard them.
 """
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -16,12 +18,21 @@ from .. import _dtensor
 from .quantized_parameter import QuantizedParameter
 
 
+class _AnyAttribute:
+    def __getattr__(self, name: str) -> "_AnyAttribute":
+        if name.startswith("_"):  # the walk also probes hooks such as ``_fqn_modifiers``: there are none here
+            raise AttributeError(name)
+        return self
+
+
 class LoadsQuantizedWeight(nn.Module):
     """Mixin for modules whose ``weight`` is a ``QuantizedParameter`` stored as several state-dict entries."""
 
+    _state_roots: ClassVar[tuple[str, ...]]  # first parts of the weight's keys: ``weight`` (``weight.absmax``), ``SCB``
+
     def _weight_entries(self, state_dict: dict, prefix: str) -> set[str]:
-        """The state-dict keys that together make up the weight."""
-        raise NotImplementedError
+        """The state-dict keys that together make up the weight (by default: the roots)."""
+        return {prefix + root for root in self._state_roots}
 
     def _weight_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state-dict entries (without prefix) that a quantized weight adds to ``nn.Module``'s own."""
@@ -32,16 +43,14 @@ class LoadsQuantizedWeight(nn.Module):
         raise NotImplementedError
 
     def _fqn_modifiers(self) -> dict[str, str]:
-        """Lets ``torch.distributed.checkpoint.state_dict`` resolve keys such as ``weight.absmax`` or ``SCB``."""
-        return {key.split(".")[0]: "_state_dict_keys" for key in self._state_keys()}
+        """Lets ``torch.distributed.checkpoint.state_dict`` walk keys such as ``weight.absmax`` or ``SCB``.
 
-    @property
-    def _state_dict_keys(self) -> "_KeyTree":
-        return _KeyTree(self._state_keys())
+        It resolves every key as a chain of attributes; the weight's keys are not attributes, so their roots
+        lead to an object that has any attribute (the keys themselves come from ``state_dict()``).
+        """
+        return dict.fromkeys(self._state_roots, "_state_dict_keys")
 
-    def _state_keys(self) -> list[str]:
-        local = _dtensor.local(self.weight)
-        return list(self._weight_state(local)) if isinstance(local, QuantizedParameter) else []
+    _state_dict_keys = _AnyAttribute()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -86,19 +95,6 @@ class LoadsQuantizedWeight(nn.Module):
                 current.copy_(loaded)
             if isinstance(current, QuantizedParameter):
                 current.meta = loaded.meta  # the checkpoint's metadata (e.g. dtype) comes with it
-
-
-class _KeyTree:
-    """Attributes along dotted keys: ``_KeyTree(["weight.absmax"]).weight.absmax`` exists."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = keys
-
-    def __getattr__(self, name: str) -> "_KeyTree":
-        rest = [key[len(name) + 1 :] for key in self._keys if key == name or key.startswith(name + ".")]
-        if not rest:
-            raise AttributeError(name)
-        return _KeyTree([key for key in rest if key])
 
 
 def _sharded_entry(value: torch.Tensor, local: QuantizedParameter, weight: torch.Tensor) -> torch.Tensor:
