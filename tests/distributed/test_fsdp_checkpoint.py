@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from launch import BACKENDS, INTEGER_PARAMS, run
+from models import int8_mlp, shard
 from tiny_llama import TinyLlama, loss_fn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -15,7 +16,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import torchlowbit as bnb
 
@@ -26,10 +26,7 @@ TOKENS = torch.randint(0, 256, (TRAINED + RESUMED, 4, 17), generator=torch.Gener
 def _sharded(device, seed: int):
     torch.manual_seed(seed)
     model = TinyLlama().to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard(model, model.blocks, init_device_mesh(device.type, (dist.get_world_size(),)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, bnb.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=1024)
 
@@ -137,20 +134,12 @@ def test_per_rank_memory_is_a_shard(backend):
     run(_per_rank_memory, backend=backend)
 
 
-def _int8_model(device, seed: int) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
-    layers = [bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False, threshold=6.0) for i, o in [(64, 128), (128, 64)]]
-    return torch.nn.Sequential(*layers).to(device)
-
-
 def _int8_checkpoint_round_trip(device, path: str) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    reference = _int8_model(device, seed=0)
-    model, fresh = _int8_model(device, seed=0), _int8_model(device, seed=1)
+    reference = int8_mlp(device, seed=0)
+    model, fresh = int8_mlp(device, seed=0), int8_mlp(device, seed=1)
     for m in (model, fresh):
-        for layer in m:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(m, mesh=mesh)
+        shard(m, m, mesh)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     expected = reference.state_dict()
     assert full.keys() == expected.keys() and {"0.SCB", "0.weight_format"} <= full.keys()

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from launch import BACKENDS, run
+from models import shard
 from tiny_llama import TinyLlama, loss_fn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import torchlowbit as bnb
 
@@ -40,12 +40,7 @@ def _qlora_matches_one_process(device, compiled: bool, ac: bool) -> None:
     tokens = torch.randint(0, 256, (STEPS, 4, 17), generator=torch.Generator().manual_seed(1)).to(device)
     expected, _ = _train(reference, tokens, STEPS)
 
-    mesh = init_device_mesh(device.type, (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-        if compiled:
-            block.compile()
-    fully_shard(model, mesh=mesh)
+    shard(model, model.blocks, init_device_mesh(device.type, (world,)), compiled)
     losses, optimizer = _train(model, tokens[:, rank::world], STEPS, 1 / world)
     for loss in losses:
         dist.all_reduce(loss)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from launch import BACKENDS, INTEGER_PARAMS, run
+from models import int8_mlp, shard
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -31,18 +32,13 @@ def _bytes(weight) -> dict[str, torch.Tensor]:
     return {name: t.cpu().view(torch.uint8).clone() for name, t in weight.inner().items() if t is not None}
 
 
-def _shard(model, mesh, reshard: bool, mp_policy, offload) -> None:
-    for layer in model:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload)
-
-
 def _forward_matches_unsharded(device, storage, nested, reshard, mixed, offload) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reference = _model4bit(device, STORAGE[storage], nested)
     model = copy.deepcopy(reference)
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed else MixedPrecisionPolicy()
-    _shard(model, mesh, reshard, mp_policy, CPUOffloadPolicy() if offload else OffloadPolicy())
+    offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    shard(model, model, mesh, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload_policy)
     x = torch.randn(3, 64, device=device)
     if mixed:  # FSDP casts the float parameters (the biases) and the inputs; the 4-bit codes stay as they are
         for layer in reference:
@@ -86,17 +82,11 @@ def test_4bit_policies(backend, reshard, mixed, offload):
     run(_forward_matches_unsharded, "bfloat16", True, reshard, mixed, offload, backend=backend)
 
 
-def _model8bit(device) -> torch.nn.Sequential:
-    torch.manual_seed(0)
-    layers = [bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False, threshold=6.0) for i, o in [(64, 128), (128, 64)]]
-    return torch.nn.Sequential(*layers).to(device)
-
-
 def _int8_forward_matches_unsharded(device, reshard) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    reference = _model8bit(device)
+    reference = int8_mlp(device)
     model = copy.deepcopy(reference)
-    _shard(model, mesh, reshard, MixedPrecisionPolicy(), OffloadPolicy())
+    shard(model, model, mesh, reshard_after_forward=reshard)
     x = torch.randn(3, 64, device=device)
     x[:, 5] = 8.0  # an outlier column: the 16-bit path runs too
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
