@@ -1,5 +1,7 @@
-"""Speed of a 4-bit linear layer on CUDA: torch bf16 F.linear, torchlowbit NF4 (nested absmax, blocksize 64)
-through torch.ops.lowbit.gemm_4bit, and bitsandbytes' matmul_4bit where it is importable.
+"""Speed of 4-bit and 8-bit linear layers on CUDA: torch bf16 F.linear, torchlowbit NF4 (nested absmax, blocksize
+64) through torch.ops.lowbit.gemm_4bit, LLM.int8 through torch.ops.lowbit.int8_mixed_linear at threshold 0 and 6
+(the threshold-6 input has OUTLIER_COLUMNS columns of magnitude above 6, as LLM.int8 sees in large models), and
+bitsandbytes' matmul_4bit where it is importable.
 
 Shapes are DESIGN.md's (in x out, rows m of the bf16 activation). Times are medians of CUDA-event timings
 after warm-up, in ms per call. By default each timing replays a CUDA graph of several calls that cycle through
@@ -36,6 +38,7 @@ SHAPES = [  # (in, out, rows)
 ]
 SWEEP_ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 BLOCKSIZE = 64
+OUTLIER_COLUMNS = 8
 SMALL_M = 32  # rows up to which the bandwidth column is shown
 
 
@@ -82,6 +85,7 @@ class Layer:
         qabsmax, nested_absmax = torch.ops.lowbit.quantize_blockwise(absmax - offset, code, 256)
         self.lowbit = (packed, qabsmax, nested_absmax, code, offset)
         self.packed_bytes = packed.numel() + qabsmax.numel() + nested_absmax.numel() * 4
+        self.int8 = torch.ops.lowbit.int8_vectorwise_quant(W)[:2]  # (CB, SCB)
         self.bnb = None
         if want_bnb and bnbf is not None:
             try:
@@ -106,6 +110,18 @@ def dequant_linear(A, layer):
     return F.linear(A, W)
 
 
+def int8_linear(A, layer, threshold=0.0):
+    CB, SCB = layer.int8
+    return torch.ops.lowbit.int8_mixed_linear(A, CB, SCB, None, threshold)[0]
+
+
+def with_outliers(A):
+    """``A`` with OUTLIER_COLUMNS evenly spread columns set to +-8 (outliers at threshold 6)."""
+    A = A.clone()
+    A[:, :: A.shape[1] // OUTLIER_COLUMNS] = 8.0 * torch.sign(A[:, :: A.shape[1] // OUTLIER_COLUMNS])
+    return A
+
+
 def bnb_linear(A, layer):
     qweight, state = layer.bnb
     return bnb.matmul_4bit(A, qweight.t(), quant_state=state)
@@ -126,6 +142,12 @@ def check_close(A, layer):
     ref = dequant_linear(A.float(), layer)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, f"gemm_4bit differs from dequantize + linear: relative error {rel:.3g}"
+    CB, SCB = layer.int8
+    W8 = CB.float() * (SCB / 127)[:, None]
+    for X, threshold in ((A, 0.0), (with_outliers(A), 6.0)):
+        out8, ref8 = int8_linear(X, layer, threshold).float(), F.linear(X.float(), W8)
+        rel8 = ((out8 - ref8).norm() / ref8.norm()).item()
+        assert rel8 < 2e-2, f"int8_mixed_linear (threshold {threshold}) differs from F.linear: {rel8:.3g}"
     return rel
 
 
@@ -143,11 +165,16 @@ def run_shape(in_f, out_f, rows, reps, eager, with_bnb):
         row["bf16_ms"] = measure(lambda A, L: F.linear(A, L.bf16), [(acts[i], layers[i]) for i in range(n_bf16)],
                                  reps, eager)  # fmt: skip
         row["lowbit_ms"] = measure(lowbit_linear, [(acts[i], layers[i]) for i in range(n_q)], reps, eager)
+        n_8 = max(1, min(n_layers, copies_for(out_f * in_f + a_bytes)))
+        row["int8_ms"] = measure(int8_linear, [(acts[i], layers[i]) for i in range(n_8)], reps, eager)
+        outlier_inputs = [(with_outliers(acts[i]), layers[i]) for i in range(n_8)]
+        row["int8_t6_ms"] = measure(lambda A, L: int8_linear(A, L, 6.0), outlier_inputs, reps, eager)
         if layers[0].bnb is not None:
             row["bnb_ms"] = measure(bnb_linear, [(acts[i], layers[i]) for i in range(n_q)], reps, eager)
         row["packed_gb"] = (layers[0].packed_bytes + a_bytes + m * out_f * 2) / 1e9
         results.append(row)
-        print(f"  {in_f}x{out_f} m={m}: bf16 {row['bf16_ms']:.4f} ms, lowbit {row['lowbit_ms']:.4f} ms"
+        print(f"  {in_f}x{out_f} m={m}: bf16 {row['bf16_ms']:.4f} ms, lowbit {row['lowbit_ms']:.4f} ms, "
+              f"int8 {row['int8_ms']:.4f} / {row['int8_t6_ms']:.4f} ms"
               + (f", bnb {row['bnb_ms']:.4f} ms" if "bnb_ms" in row else ""), flush=True)  # fmt: skip
         del acts
     del layers
@@ -191,8 +218,9 @@ def main():
     with_bnb = bnbf is not None and not args.no_bnb
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, extension: {CUDA_EXTENSION_STATUS}")
     print(f"bitsandbytes: {bnb.__version__ if bnb is not None else 'not importable'}")
-    if "gemm_4bit" in CUDA_REFERENCE_OPS:
-        print("WARNING: lowbit::gemm_4bit runs the PyTorch reference kernel on CUDA")
+    for op in ("gemm_4bit", "int8_mixed_linear"):
+        if op in CUDA_REFERENCE_OPS:
+            print(f"WARNING: lowbit::{op} runs the PyTorch reference kernel on CUDA")
     copy_tbps = copy_bandwidth(20)
     mode = "eager calls" if args.eager else "CUDA-graph replays"
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); timing: {mode}", flush=True)
@@ -212,7 +240,7 @@ def main():
         header = "| in x out | m | bf16 ms | lowbit ms | bf16 / lowbit |"
         if with_bnb:
             header += " bnb ms | bnb / lowbit |"
-        header += " lowbit TB/s (weights) | of copy |"
+        header += " lowbit TB/s (weights) | of copy | int8 t=0 ms | bf16 / int8 | int8 t=6 ms | t=6 / t=0 |"
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         for r in rows:
@@ -225,6 +253,8 @@ def main():
                 line += f" {tbps:.2f} | {100 * tbps / copy_tbps:.0f}% |"
             else:
                 line += " - | - |"
+            line += (f" {r['int8_ms']:.4f} | {r['bf16_ms'] / r['int8_ms']:.2f}x | {r['int8_t6_ms']:.4f} |"
+                     f" {r['int8_t6_ms'] / r['int8_ms']:.2f}x |")  # fmt: skip
             print(line)
     if sweep_rows:
         print()

@@ -112,7 +112,7 @@ class QuantizedParameter(torch.Tensor):
     # --- the subclass protocol -------------------------------------------------------------------------------
 
     def __tensor_flatten__(self) -> tuple[list[str], Hashable]:
-        return [name for name, t in self.inner().items() if t is not None], self.meta
+        return [name for name in self.inner_names if getattr(self, name) is not None], self.meta
 
     @classmethod
     def __tensor_unflatten__(cls, inner: dict, meta: Hashable, outer_size, outer_stride) -> "QuantizedParameter":
