@@ -8,6 +8,85 @@
 
 namespace lowbit {
 
+// ---------------------------------------------------------------------------------------------------
+// Vector-wise quantization of one row by one CTA of kRowThreads threads (the quantization kernel's rows,
+// and the activation rows the int8 GEMV quantizes itself).
+
+constexpr int kRowThreads = 256;
+
+// max that propagates NaN, as torch.amax does
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float block_nan_max(float v) {
+  __shared__ float partial[kRowThreads / 32];
+  __shared__ float result;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = partial[0];
+    for (int w = 1; w < kRowThreads / 32; ++w) m = nan_max(m, partial[w]);
+    result = m;
+  }
+  __syncthreads();
+  return result;
+}
+
+// Calls f(column, value) for every element of a row: 8 per 16-byte load when rows are 8-element aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_row(const T* __restrict__ row, int64_t k, const F& f) {
+  if (k % 8 == 0) {
+    for (int64_t c = int64_t(threadIdx.x) * 8; c < k; c += kRowThreads * 8) {
+      float v[8];
+      Elem<T>::unpack8(Elem<T>::load8_raw(row + c), v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f(c + j, v[j]);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < k; c += kRowThreads) f(c, static_cast<float>(row[c]));
+  }
+}
+
+// Quantizes a row as the reference does: round(x * (127 / absmax)) in float32, half to even, absmax over
+// the non-outliers (|x| >= threshold when threshold > 0), outliers written as 0 and flagged in
+// outlier_cols. The row is read twice, the second time from cache. Returns the row's absmax.
+template <typename T>
+__device__ float quantize_row(const T* __restrict__ row, int64_t k, float threshold, int8_t* __restrict__ out,
+                              uint8_t* __restrict__ outlier_cols) {
+  const bool detect = threshold > 0.0f;
+  float absmax = 0.0f;
+  for_each_in_row(row, k, [&](int64_t c, float x) {
+    const float magnitude = fabsf(x);
+    if (detect && magnitude >= threshold) {
+      outlier_cols[c] = 1;  // every writer writes 1: no ordering needed
+    } else {
+      absmax = nan_max(absmax, magnitude);
+    }
+  });
+  absmax = block_nan_max(absmax);
+  const float scale = absmax > 0.0f ? __fdiv_rn(127.0f, absmax) : 0.0f;
+  auto quantize = [&](float x) -> uint32_t {
+    if (detect && fabsf(x) >= threshold) return 0u;
+    return uint8_t(static_cast<int8_t>(__float2int_rn(__fmul_rn(x, scale))));
+  };
+  if (k % 8 == 0) {
+    for (int64_t c = int64_t(threadIdx.x) * 8; c < k; c += kRowThreads * 8) {
+      float v[8];
+      Elem<T>::unpack8(Elem<T>::load8_raw(row + c), v);
+      uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) packed[j / 4] |= quantize(v[j]) << (8 * (j % 4));
+      *reinterpret_cast<uint2*>(out + c) = make_uint2(packed[0], packed[1]);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < k; c += kRowThreads) out[c] = static_cast<int8_t>(quantize(float(row[c])));
+  }
+  return absmax;
+}
+
+// ---------------------------------------------------------------------------------------------------
+
 // lowbit::int8_vectorwise_quant: (int8 of A's shape, float32 row absmax, bool mask of outlier columns).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold);
 
@@ -28,5 +107,11 @@ struct OutlierColumns {
 at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& row_stats,
                               const at::Tensor& col_stats, const std::optional<at::Tensor>& bias,
                               at::ScalarType dtype, const OutlierColumns* outliers);
+
+// At threshold 0 with few rows: A (rows, k) float rows (contiguous, 16-byte aligned) quantized inside the
+// GEMV (no int8 copy of A is made), times B (n, k) int8 with scales col_stats, in A's dtype.
+bool int8_matmul_quantizes_rows(int64_t rows, int64_t k);
+at::Tensor int8_quantize_and_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& col_stats,
+                                    const std::optional<at::Tensor>& bias);
 
 }  // namespace lowbit

@@ -31,8 +31,8 @@ struct EpilogueParams {
   const int8_t* B;
 };
 
-__device__ __forceinline__ float scaled(const EpilogueParams& e, int64_t row, int64_t col, int32_t acc) {
-  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), __ldg(e.row_stats + row)), __ldg(e.col_stats + col));
+__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, int64_t col, int32_t acc) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), __ldg(e.col_stats + col));
   v = __fmul_rn(v, kInv127Squared);
   return e.bias ? __fadd_rn(v, __ldg(e.bias + col)) : v;
 }
@@ -53,7 +53,9 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 
 // ---------------------------------------------------------------------------------------------------
 // Few rows: a warp owns gemv_cols(MR) weight rows and MR activation rows; each lane streams 16-byte chunks
-// of the weight rows (kGemvUnroll per row in flight) and multiplies them with the activation chunks.
+// of the weight rows (kGemvUnroll per row in flight) and multiplies them with the activation chunks. The
+// activations are int8 rows, or (kQuantizeA) rows in the output's float type that every CTA quantizes into
+// shared memory first, which saves the quantization kernel and its launch at threshold 0.
 
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
@@ -72,11 +74,12 @@ __device__ __forceinline__ int32_t dot16(const uint4& a, const uint4& b, int32_t
 }
 
 template <typename OutT>
-__device__ void store_result(OutT* out, const EpilogueParams& e, int64_t row, int64_t col, int32_t acc) {
+__device__ void store_result(OutT* out, const EpilogueParams& e, int64_t row, int64_t col, float row_stat,
+                             int32_t acc) {
   if constexpr (std::is_same_v<OutT, int32_t>) {
     out[row * e.n + col] = acc;
   } else {
-    float v = scaled(e, row, col, acc);
+    float v = scaled(e, row_stat, col, acc);
     const int count = e.outlier_count ? *e.outlier_count : 0;
     if (count > 0) {
       const OutT* a = static_cast<const OutT*>(e.outlier_A) + row * e.k;
@@ -91,15 +94,26 @@ __device__ void store_result(OutT* out, const EpilogueParams& e, int64_t row, in
   }
 }
 
-template <int MR, typename OutT>
+template <int MR, typename OutT, bool kQuantizeA>
 __global__ void __launch_bounds__(kGemvThreads)
-    int8_gemv_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, OutT* __restrict__ out,
+    int8_gemv_kernel(const void* __restrict__ A_in, const int8_t* __restrict__ B, OutT* __restrict__ out,
                      const EpilogueParams e) {
+  static_assert(kGemvThreads == kRowThreads, "the CTA quantizes activation rows as quantize_row expects");
   constexpr int NR = gemv_cols(MR);
   const int lane = threadIdx.x & 31;
+  const int64_t k = e.k;
+  extern __shared__ __align__(16) int8_t staged[];  // kQuantizeA: (MR, k) int8
+  __shared__ float staged_stats[MR];
+  if constexpr (kQuantizeA) {  // one row group (launch_gemv's condition)
+    for (int r = 0; r < MR && r < e.rows; ++r) {
+      const float absmax = quantize_row(static_cast<const OutT*>(A_in) + r * k, k, 0.0f, staged + r * k, nullptr);
+      if (threadIdx.x == 0) staged_stats[r] = absmax;
+    }
+    __syncthreads();
+  }
+  const int8_t* A = kQuantizeA ? staged : static_cast<const int8_t*>(A_in);
   const int64_t n0 = (int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * NR;
   if (n0 >= e.n) return;
-  const int64_t k = e.k;
   for (int64_t r0 = int64_t(blockIdx.y) * MR; r0 < e.rows; r0 += int64_t(gridDim.y) * MR) {
     int32_t acc[MR][NR];
 #pragma unroll
@@ -125,7 +139,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
           for (int r = 0; r < MR; ++r) {
             if (r0 + r >= e.rows) break;
-            const uint4 a = __ldg(a_rows + r * chunks + c + 32 * u);
+            const uint4 a = kQuantizeA ? a_rows[r * chunks + c + 32 * u] : __ldg(a_rows + r * chunks + c + 32 * u);
 #pragma unroll
             for (int j = 0; j < NR; ++j) acc[r][j] = dot16(a, b[u][j], acc[r][j]);
           }
@@ -162,19 +176,31 @@ __global__ void __launch_bounds__(kGemvThreads)
         for (int j = 0; j < NR; ++j)
           if (r * NR + j == lane) v = acc[r][j];
       const int64_t row = r0 + lane / NR, col = n0 + lane % NR;
-      if (row < e.rows && col < e.n) store_result(out, e, row, col, v);
+      if (row < e.rows && col < e.n) {
+        const float row_stat = kQuantizeA ? staged_stats[lane / NR] : e.row_stats ? __ldg(e.row_stats + row) : 0.0f;
+        store_result(out, e, row, col, row_stat, v);
+      }
     }
   }
 }
 
-template <typename OutT>
+int gemv_row_group(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : 4; }
+
+// Whether the GEMV can quantize float activation rows itself: one row group, 16-byte rows in shared memory.
+bool gemv_quantizes(int64_t rows, int64_t k) {
+  return rows > 0 && rows <= kGemvMaxRows && k > 0 && k % 16 == 0 && gemv_row_group(rows) * k <= 48 * 1024;
+}
+
+// A: (rows, k) int8, or (kQuantizeA) in OutT, contiguous and 16-byte aligned.
+template <bool kQuantizeA = false, typename OutT>
 void launch_gemv(const at::Tensor& A, const at::Tensor& B, OutT* out, const EpilogueParams& e) {
   auto launch = [&](auto rows_tag) {
     constexpr int MR = decltype(rows_tag)::value;
     const dim3 grid(ceil_div(e.n, int64_t{kGemvWarps} * gemv_cols(MR)),
                     std::min<int64_t>(ceil_div(e.rows, MR), 65535));
-    int8_gemv_kernel<MR, OutT><<<grid, kGemvThreads, 0, current_stream()>>>(A.data_ptr<int8_t>(),
-                                                                            B.data_ptr<int8_t>(), out, e);
+    const size_t smem = kQuantizeA ? MR * e.k : 0;
+    int8_gemv_kernel<MR, OutT, kQuantizeA>
+        <<<grid, kGemvThreads, smem, current_stream()>>>(A.data_ptr(), B.data_ptr<int8_t>(), out, e);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (e.rows <= 1) {
@@ -241,14 +267,15 @@ __global__ void __launch_bounds__(kEpiThreads)
       float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (active) {
         const int32_t* c = C + row * e.n + col;
+        const float rs = __ldg(e.row_stats + row);
         if (vectorized) {
           const int4 acc = __ldcs(reinterpret_cast<const int4*>(c));
-          v[0] = scaled(e, row, col, acc.x), v[1] = scaled(e, row, col + 1, acc.y);
-          v[2] = scaled(e, row, col + 2, acc.z), v[3] = scaled(e, row, col + 3, acc.w);
+          v[0] = scaled(e, rs, col, acc.x), v[1] = scaled(e, rs, col + 1, acc.y);
+          v[2] = scaled(e, rs, col + 2, acc.z), v[3] = scaled(e, rs, col + 3, acc.w);
         } else {
 #pragma unroll
           for (int q = 0; q < 4; ++q)
-            if (col + q < e.n) v[q] = scaled(e, row, col + q, c[q]);
+            if (col + q < e.n) v[q] = scaled(e, rs, col + q, c[q]);
         }
       }
       if (count > 0) {
@@ -303,7 +330,8 @@ EpilogueParams epilogue_params(int64_t rows, int64_t n, int64_t k, const at::Ten
                                const at::Tensor* col_stats, const std::optional<at::Tensor>& bias,
                                const OutlierColumns* outliers, const at::Tensor* B) {
   EpilogueParams e{rows, n, k, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  if (row_stats) e.row_stats = row_stats->data_ptr<float>(), e.col_stats = col_stats->data_ptr<float>();
+  if (row_stats) e.row_stats = row_stats->data_ptr<float>();
+  if (col_stats) e.col_stats = col_stats->data_ptr<float>();
   if (bias) e.bias = bias->data_ptr<float>();
   if (outliers) {
     e.outlier_A = outliers->A.data_ptr();
@@ -430,6 +458,23 @@ at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at
     } else {
       launch_gemv(A, B, out.data_ptr<scalar_t>(), e);
     }
+  });
+  return out;
+}
+
+bool int8_matmul_quantizes_rows(int64_t rows, int64_t k) { return gemv_quantizes(rows, k); }
+
+at::Tensor int8_quantize_and_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& col_stats,
+                                    const std::optional<at::Tensor>& bias) {
+  const int64_t rows = A.size(0), k = A.size(1), n = B.size(0);
+  at::Tensor out = at::empty({rows, n}, A.options());
+  if (n == 0) return out;
+  const at::Tensor cs = col_stats.contiguous();
+  const std::optional<at::Tensor> b = float_bias(bias);
+  const EpilogueParams e = epilogue_params(rows, n, k, nullptr, &cs, b, nullptr, nullptr);
+  dispatch_float(A.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    launch_gemv<true>(A, B, out.data_ptr<scalar_t>(), e);
   });
   return out;
 }

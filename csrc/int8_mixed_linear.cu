@@ -40,6 +40,11 @@ std::tuple<at::Tensor, at::Tensor> int8_mixed_linear_cuda(const at::Tensor& A, c
   std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end() - 1);
   shape.push_back(n);
 
+  if (threshold == 0 && int8_matmul_quantizes_rows(rows, k)) {
+    const at::Tensor rows_of_A = contiguous_aligned(A.reshape({rows, k}), 16);
+    const at::Tensor out = int8_quantize_and_matmul(rows_of_A, contiguous_aligned(CB, 16), SCB, bias);
+    return {out.view(shape), at::zeros({k}, A.options().dtype(at::kBool))};
+  }
   const auto [CA, SCA, outlier_cols] = int8_vectorwise_quant_cuda(A, threshold);
   const at::Tensor B = contiguous_aligned(CB, 16);
   std::optional<OutlierColumns> outliers;

@@ -8,82 +8,15 @@
 namespace lowbit {
 namespace {
 
-constexpr int kQuantThreads = 256;
 constexpr int kZeroRows = 64;  // rows per CTA of the column-zeroing kernel
 
-// max that propagates NaN, as torch.amax does
-__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
-
-__device__ float block_nan_max(float v) {
-  __shared__ float partial[kQuantThreads / 32];
-  __shared__ float result;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = partial[0];
-    for (int w = 1; w < kQuantThreads / 32; ++w) m = nan_max(m, partial[w]);
-    result = m;
-  }
-  __syncthreads();
-  return result;
-}
-
-// Calls f(column, value) for every element of a row: 8 per 16-byte load when rows are 8-element aligned.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_in_row(const T* __restrict__ row, int64_t k, bool vectorized, const F& f) {
-  if (vectorized) {
-    for (int64_t c = int64_t(threadIdx.x) * 8; c < k; c += kQuantThreads * 8) {
-      float v[8];
-      Elem<T>::unpack8(Elem<T>::load8_raw(row + c), v);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f(c + j, v[j]);
-    }
-  } else {
-    for (int64_t c = threadIdx.x; c < k; c += kQuantThreads) f(c, static_cast<float>(row[c]));
-  }
-}
-
 template <typename T>
-__global__ void __launch_bounds__(kQuantThreads)
+__global__ void __launch_bounds__(kRowThreads)
     vectorwise_quant_kernel(const T* __restrict__ A, int64_t k, float threshold, int8_t* __restrict__ q,
                             float* __restrict__ row_stats, uint8_t* __restrict__ outlier_cols) {
-  const T* row = A + int64_t(blockIdx.x) * k;
-  int8_t* out = q + int64_t(blockIdx.x) * k;
-  const bool vectorized = k % 8 == 0;
-  const bool detect = threshold > 0.0f;
-
-  float absmax = 0.0f;
-  for_each_in_row(row, k, vectorized, [&](int64_t c, float x) {
-    const float magnitude = fabsf(x);
-    if (detect && magnitude >= threshold) {
-      outlier_cols[c] = 1;  // every writer writes 1: no ordering needed
-    } else {
-      absmax = nan_max(absmax, magnitude);
-    }
-  });
-  absmax = block_nan_max(absmax);
-  if (threadIdx.x == 0) row_stats[blockIdx.x] = absmax;
-
-  // the reference: round(x * (127 / absmax)) in float32, half to even; 0 for an all-zero row
-  const float scale = absmax > 0.0f ? __fdiv_rn(127.0f, absmax) : 0.0f;
-  auto quantize = [&](float x) -> int8_t {
-    if (detect && fabsf(x) >= threshold) return 0;
-    return static_cast<int8_t>(__float2int_rn(__fmul_rn(x, scale)));
-  };
-  if (vectorized) {
-    for (int64_t c = int64_t(threadIdx.x) * 8; c < k; c += kQuantThreads * 8) {
-      float v[8];
-      Elem<T>::unpack8(Elem<T>::load8_raw(row + c), v);
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) packed[j / 4] |= uint32_t(uint8_t(quantize(v[j]))) << (8 * (j % 4));
-      *reinterpret_cast<uint2*>(out + c) = make_uint2(packed[0], packed[1]);
-    }
-  } else {
-    for (int64_t c = threadIdx.x; c < k; c += kQuantThreads) out[c] = quantize(static_cast<float>(row[c]));
-  }
+  const int64_t row = blockIdx.x;
+  const float absmax = quantize_row(A + row * k, k, threshold, q + row * k, outlier_cols);
+  if (threadIdx.x == 0) row_stats[row] = absmax;
 }
 
 __global__ void __launch_bounds__(256) zero_outlier_columns_kernel(int8_t* __restrict__ q, int64_t rows, int64_t k,
@@ -142,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const 
   uint8_t* mask = reinterpret_cast<uint8_t*>(outlier_cols.data_ptr<bool>());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    vectorwise_quant_kernel<scalar_t><<<rows, kQuantThreads, 0, stream>>>(
+    vectorwise_quant_kernel<scalar_t><<<rows, kRowThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), k, static_cast<float>(threshold), q.data_ptr<int8_t>(), row_stats.data_ptr<float>(),
         mask);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
