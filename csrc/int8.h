@@ -5,6 +5,7 @@
 #include "lowbit_common.h"
 
 #include <tuple>
+#include <vector>
 
 namespace lowbit {
 
@@ -87,6 +88,16 @@ __device__ float quantize_row(const T* __restrict__ row, int64_t k, float thresh
 
 // ---------------------------------------------------------------------------------------------------
 
+// The rows of A (..., k): all but its last dimension.
+inline int64_t leading_rows(const at::Tensor& A) { return c10::multiply_integers(A.sizes().slice(0, A.dim() - 1)); }
+
+// The shape (..., n) of A (..., k) times a (n, k) weight.
+inline std::vector<int64_t> product_shape(const at::Tensor& A, int64_t n) {
+  std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end() - 1);
+  shape.push_back(n);
+  return shape;
+}
+
 // lowbit::int8_vectorwise_quant: (int8 of A's shape, float32 row absmax, bool mask of outlier columns).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold);
 
@@ -103,15 +114,14 @@ struct OutlierColumns {
 };
 
 // (A @ B.T) * row_stats * col_stats / 127**2 (+ bias) (+ the outlier columns' product), rounded to dtype;
-// A (rows, k) and B (n, k) int8, contiguous. Checks are the callers'.
-at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& row_stats,
+// A (rows, k) and B (n, k) int8, contiguous. Without row_stats, A holds float rows (16-byte aligned, of
+// dtype) that the GEMV quantizes itself at threshold 0 (int8_matmul_quantizes_rows must hold).
+// Checks are the callers'.
+at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor* row_stats,
                               const at::Tensor& col_stats, const std::optional<at::Tensor>& bias,
                               at::ScalarType dtype, const OutlierColumns* outliers);
 
-// At threshold 0 with few rows: A (rows, k) float rows (contiguous, 16-byte aligned) quantized inside the
-// GEMV (no int8 copy of A is made), times B (n, k) int8 with scales col_stats, in A's dtype.
+// Whether int8_scaled_matmul can take float rows of A and quantize them inside its GEMV (no int8 copy of A).
 bool int8_matmul_quantizes_rows(int64_t rows, int64_t k);
-at::Tensor int8_quantize_and_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& col_stats,
-                                    const std::optional<at::Tensor>& bias);
 
 }  // namespace lowbit

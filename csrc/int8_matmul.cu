@@ -345,14 +345,6 @@ EpilogueParams epilogue_params(int64_t rows, int64_t n, int64_t k, const at::Ten
 // ---------------------------------------------------------------------------------------------------
 // Argument checks, as torchlowbit/ops/int8_matmul.py raises them.
 
-int64_t leading_rows(const at::Tensor& A) { return c10::multiply_integers(A.sizes().slice(0, A.dim() - 1)); }
-
-std::vector<int64_t> product_shape(const at::Tensor& A, int64_t n) {
-  std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end() - 1);
-  shape.push_back(n);
-  return shape;
-}
-
 void check_matmul(const at::Tensor& A, const at::Tensor& B) {
   check_dtype(A, "A", {at::kChar});
   check_dtype(B, "B", {at::kChar});
@@ -432,28 +424,32 @@ at::Tensor int8_scaled_mm_cuda(const at::Tensor& A, const at::Tensor& B, const a
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t rows = leading_rows(A), k = A.size(-1);
   const at::Tensor A2 = contiguous_aligned(A.reshape({rows, k}), 16), B2 = contiguous_aligned(B, 16);
-  return int8_scaled_matmul(A2, B2, row_stats, col_stats, bias, dtype.value_or(at::kHalf), nullptr).view(shape);
+  return int8_scaled_matmul(A2, B2, &row_stats, col_stats, bias, dtype.value_or(at::kHalf), nullptr).view(shape);
 }
 
 }  // namespace
 
-at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& row_stats,
+at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor* row_stats,
                               const at::Tensor& col_stats, const std::optional<at::Tensor>& bias,
                               at::ScalarType dtype, const OutlierColumns* outliers) {
   const int64_t rows = A.size(0), k = A.size(1), n = B.size(0);
   at::Tensor out = at::empty({rows, n}, A.options().dtype(dtype));
   if (rows == 0 || n == 0) return out;
-  const at::Tensor rs = row_stats.contiguous(), cs = col_stats.contiguous();
+  const bool quantize_a = row_stats == nullptr;
+  TORCH_INTERNAL_ASSERT(!quantize_a || (gemv_quantizes(rows, k) && A.scalar_type() == dtype && !outliers));
+  const at::Tensor rs = quantize_a ? at::Tensor() : row_stats->contiguous(), cs = col_stats.contiguous();
   const std::optional<at::Tensor> b = float_bias(bias);
-  const EpilogueParams e = epilogue_params(rows, n, k, &rs, &cs, b, outliers, &B);
+  const EpilogueParams e = epilogue_params(rows, n, k, quantize_a ? nullptr : &rs, &cs, b, outliers, &B);
   at::Tensor C;
-  if (use_cublas(rows, k, n)) {
+  if (!quantize_a && use_cublas(rows, k, n)) {
     C = at::empty({rows, n}, A.options().dtype(at::kInt));
     int_mm(A, B, C);
   }
   dispatch_float(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (C.defined()) {
+    if (quantize_a) {
+      launch_gemv<true>(A, B, out.data_ptr<scalar_t>(), e);
+    } else if (C.defined()) {
       launch_epilogue(C, out.data_ptr<scalar_t>(), e);
     } else {
       launch_gemv(A, B, out.data_ptr<scalar_t>(), e);
@@ -463,21 +459,6 @@ at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at
 }
 
 bool int8_matmul_quantizes_rows(int64_t rows, int64_t k) { return gemv_quantizes(rows, k); }
-
-at::Tensor int8_quantize_and_matmul(const at::Tensor& A, const at::Tensor& B, const at::Tensor& col_stats,
-                                    const std::optional<at::Tensor>& bias) {
-  const int64_t rows = A.size(0), k = A.size(1), n = B.size(0);
-  at::Tensor out = at::empty({rows, n}, A.options());
-  if (n == 0) return out;
-  const at::Tensor cs = col_stats.contiguous();
-  const std::optional<at::Tensor> b = float_bias(bias);
-  const EpilogueParams e = epilogue_params(rows, n, k, nullptr, &cs, b, nullptr, nullptr);
-  dispatch_float(A.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    launch_gemv<true>(A, B, out.data_ptr<scalar_t>(), e);
-  });
-  return out;
-}
 
 }  // namespace lowbit
 

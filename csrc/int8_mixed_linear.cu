@@ -35,24 +35,22 @@ std::tuple<at::Tensor, at::Tensor> int8_mixed_linear_cuda(const at::Tensor& A, c
                                                           double threshold) {
   check(A, CB, SCB, bias, threshold);
   const c10::cuda::CUDAGuard guard(A.device());
-  const int64_t k = A.size(-1), n = CB.size(0);
-  const int64_t rows = c10::multiply_integers(A.sizes().slice(0, A.dim() - 1));
-  std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end() - 1);
-  shape.push_back(n);
+  const int64_t k = A.size(-1), rows = leading_rows(A);
+  const std::vector<int64_t> shape = product_shape(A, CB.size(0));
+  const at::Tensor B = contiguous_aligned(CB, 16);
 
   if (threshold == 0 && int8_matmul_quantizes_rows(rows, k)) {
     const at::Tensor rows_of_A = contiguous_aligned(A.reshape({rows, k}), 16);
-    const at::Tensor out = int8_quantize_and_matmul(rows_of_A, contiguous_aligned(CB, 16), SCB, bias);
+    const at::Tensor out = int8_scaled_matmul(rows_of_A, B, nullptr, SCB, bias, A.scalar_type(), nullptr);
     return {out.view(shape), at::zeros({k}, A.options().dtype(at::kBool))};
   }
   const auto [CA, SCA, outlier_cols] = int8_vectorwise_quant_cuda(A, threshold);
-  const at::Tensor B = contiguous_aligned(CB, 16);
   std::optional<OutlierColumns> outliers;
   if (threshold > 0 && rows > 0) {
     const auto [index, count] = outlier_column_index(outlier_cols);
     outliers = OutlierColumns{A.reshape({rows, k}).contiguous(), index, count};
   }
-  at::Tensor out = int8_scaled_matmul(CA.view({rows, k}), B, SCA, SCB, bias, A.scalar_type(),
+  at::Tensor out = int8_scaled_matmul(CA.view({rows, k}), B, &SCA, SCB, bias, A.scalar_type(),
                                       outliers ? &*outliers : nullptr);
   return {out.view(shape), outlier_cols};
 }

@@ -64,11 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const 
                     std::to_string(threshold));
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t k = A.size(-1);
-  const int64_t rows = c10::multiply_integers(A.sizes().slice(0, A.dim() - 1));
+  const int64_t rows = leading_rows(A);
   at::Tensor q = at::empty(A.sizes(), A.options().dtype(at::kChar).memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor row_stats = at::zeros({rows}, A.options().dtype(at::kFloat));
+  at::Tensor row_stats = at::empty({rows}, A.options().dtype(at::kFloat));  // the kernel writes every row
   at::Tensor outlier_cols = at::zeros({k}, A.options().dtype(at::kBool));
-  if (rows == 0 || k == 0) return {q, row_stats, outlier_cols};
+  if (rows == 0 || k == 0) return {q, row_stats.zero_(), outlier_cols};
 
   const at::Tensor x = contiguous_aligned(A, 16);
   const cudaStream_t stream = current_stream();
