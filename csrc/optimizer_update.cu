@@ -1,6 +1,8 @@
-// CUDA kernels of lowbit::optimizer_update_32bit and lowbit::optimizer_update_8bit_blockwise: one fused pass
-// per step (load g, p and the states; update in float32; store), the rules of
-// torchlowbit/ops/optimizer_update.py.
+// CUDA kernels of lowbit::optimizer_update_32bit and lowbit::optimizer_update_8bit_blockwise and of their
+// *_grouped forms (lists of parameters): one fused pass per step (load g, p and the states; update in float32;
+// store), the rules of torchlowbit/ops/optimizer_update.py. Every launch takes a table of up to 56 (32-bit) or 44
+// (8-bit) tensors in its kernel parameters, each with its own step count; a single-tensor op is a launch of one.
+// max_unorm needs a norm pass per tensor, so those launches hold one tensor each.
 //
 // Rounding: every float32 operation of the reference that reaches a state is one explicitly rounded
 // operation here (__fmul_rn, __fadd_rn, __fsqrt_rn, ...: no FMA contraction), in the reference's order, with
@@ -90,14 +92,29 @@ struct Hyper {
   const void* lr_ptr;  // device 0-d lr, or null: lr_value
   int lr_double;       // lr's dtype is float64
   double lr_value;
-  const void* step_ptr;  // device 0-d step, or null: step_value
-  int step_type;
-  float step_value;  // step.float()
   const double* partials;  // max_unorm: (sum u^2, sum p^2) per CTA of the norm pass
   int npartials;
 };
 
-// Per-step values every thread derives from lr and step (uniform; reads device scalars once per thread).
+// A tensor's step count (each tensor of a launch has its own).
+struct StepArg {
+  const void* ptr;  // device 0-d step, or null: value
+  float value;      // step.float()
+  int type;
+};
+
+__device__ __forceinline__ float load_step(const StepArg& s) {
+  if (s.ptr == nullptr) return s.value;
+  switch (s.type) {
+    case kStepInt32: return static_cast<float>(*static_cast<const int32_t*>(s.ptr));
+    case kStepInt64: return static_cast<float>(*static_cast<const int64_t*>(s.ptr));
+    case kStepFloat32: return *static_cast<const float*>(s.ptr);
+    default: return static_cast<float>(*static_cast<const double*>(s.ptr));
+  }
+}
+
+// Per-step values derived from lr and a tensor's step. The kernels derive them once per CTA and tensor, ahead of
+// their loops (into shared memory: the float64 pow of the bias corrections then adds no register pressure there).
 struct Derived {
   float lr, decay, c1, c2, k, ec, mom, rc1, rc2;
 };
@@ -113,7 +130,7 @@ __device__ __forceinline__ float approx_sqrt(float x) {
 __device__ __forceinline__ float approx_div(float a, float b) { return __fdividef(a, b); }
 
 template <int K>
-__device__ __forceinline__ Derived derive(const Hyper& h) {
+__device__ __forceinline__ Derived derive(const Hyper& h, float t) {
   Derived d;
   double lr = h.lr_value;
   if (h.lr_ptr != nullptr)
@@ -123,15 +140,6 @@ __device__ __forceinline__ Derived derive(const Hyper& h) {
   d.decay = 1.0f;
   if (h.flags & kDecoupled)
     d.decay = h.lr_double ? static_cast<float>(1.0 - lr * h.wd_d) : __fsub_rn(1.0f, __fmul_rn(d.lr, h.wd));
-  float t = h.step_value;
-  if (h.step_ptr != nullptr) {
-    switch (h.step_type) {
-      case kStepInt32: t = static_cast<float>(*static_cast<const int32_t*>(h.step_ptr)); break;
-      case kStepInt64: t = static_cast<float>(*static_cast<const int64_t*>(h.step_ptr)); break;
-      case kStepFloat32: t = *static_cast<const float*>(h.step_ptr); break;
-      default: t = static_cast<float>(*static_cast<const double*>(h.step_ptr)); break;
-    }
-  }
   d.c1 = d.c2 = d.k = d.ec = d.mom = d.rc1 = d.rc2 = 0.0f;
   if constexpr (K == kAdam || K == kAdEMAMix) {
     d.c1 = __fsub_rn(1.0f, static_cast<float>(pow(double(h.beta1), double(t))));
@@ -289,55 +297,103 @@ __device__ __forceinline__ void store_codes(uint8_t* ptr, int count, bool full, 
 __device__ __forceinline__ uint32_t code_at(uint2 c, int j) { return ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xffu; }
 
 // ---------------------------------------------------------------------------------------------------
-// 32-bit states: a thread owns 8 consecutive elements, grid-stride.
+// The tensors of one launch. As in PyTorch's multi_tensor_apply, a launch takes a table of up to N tensors by
+// value in its kernel parameters (at most 4 KB with the other arguments). The work units of its tensors (8
+// elements for 32-bit states, blocks of 256 for 8-bit ones) are numbered one tensor after another; a thread (a
+// warp for 8-bit states) finds the tensor of its unit in the prefix table `first`. A single-tensor op is a launch
+// of one tensor, a grouped op as many launches as its list needs.
 
-constexpr int kThreads32 = 256;
+constexpr int kParamBytes = 4000;  // the 4 KB of kernel parameters, less room for alignment
 
-template <typename T>
-struct Args32 {
-  T* p;
-  const T* g;
-  float* s1;
-  float* s2;
-  int64_t n;
-  int vec;  // every pointer (and AdEMAMix's second row) 16-byte aligned
-  double* partials;
+template <int N>
+struct TableBase {
+  static_assert(N <= 64, "vec holds one bit per tensor");
+  int64_t n[N];          // elements
+  StepArg step[N];
+  int64_t first[N + 1];  // units before tensor i; first[count] = units
+  int64_t units;         // the launch's units (a fixed offset: read in place, no register)
+  uint64_t vec;          // bit i: tensor i's pointers allow vector access
+  int count;
 };
 
+// The tensor of unit u (< units), searching forward from tensor t: a thread's units only increase.
+template <typename Table>
+__device__ __forceinline__ int locate(const Table& tab, int64_t u, int t) {
+  while (u >= tab.first[t + 1]) ++t;
+  return t;
+}
+
+template <typename Table>
+__device__ __forceinline__ bool vec_at(const Table& tab, int t) {
+  return (tab.vec >> t) & 1u;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 32-bit states: as PyTorch's multi_tensor_apply, every CTA takes a chunk of one tensor's units (a unit is 8
+// consecutive elements of one thread). A CTA finds its tensor once, so its loop is the single-tensor loop with
+// the tensor's pointers in registers (walking the table per unit made the step 2.6x slower).
+
+constexpr int kThreads32 = 256;
+constexpr int kChunk32 = kThreads32 * 8;  // units per CTA of the step: 8 per thread
+constexpr int kMaxTensors32 = 52;
+
+template <typename T>
+struct Tensors32 : TableBase<kMaxTensors32> {
+  T* p[kMaxTensors32];
+  const T* g[kMaxTensors32];
+  float* s1[kMaxTensors32];
+  float* s2[kMaxTensors32];
+  int cta_first[kMaxTensors32 + 1];  // CTAs before tensor i
+  int64_t chunk;                     // units per CTA
+};
+static_assert(sizeof(Tensors32<float>) + sizeof(Hyper) + sizeof(double*) <= kParamBytes, "kernel parameters");
+
+// NORM: the max_unorm pass over a launch of one tensor, per-CTA partial sums into `partials`.
 template <typename T, int K, bool NORM>
-__global__ void __launch_bounds__(kThreads32) update32_kernel(const Args32<T> a, const Hyper h) {
+__global__ void __launch_bounds__(kThreads32) update32_kernel(const __grid_constant__ Tensors32<T> tab, const Hyper h,
+                                                              double* partials) {
   __shared__ float uscale_slot;
-  const Derived d = derive<K>(h);
+  int t = 0;
+  while (int(blockIdx.x) >= tab.cta_first[t + 1]) ++t;
+  const Derived d = derive<K>(h, load_step(tab.step[t]));
   float uscale = 1.0f;
   if (!NORM && (h.flags & kClip)) uscale = clip_scale(h, &uscale_slot);
+  T* const p = tab.p[t];
+  const T* const g = tab.g[t];
+  float* const s1 = tab.s1[t];
+  float* const s2 = tab.s2[t];
+  const int64_t n = tab.n[t];
+  const bool vec = vec_at(tab, t);
+  const int64_t begin = int64_t(int(blockIdx.x) - tab.cta_first[t]) * tab.chunk;
+  const int64_t end = min(begin + tab.chunk, tab.first[t + 1] - tab.first[t]);
   double usum = 0.0, psum = 0.0;
-  const int64_t stride = int64_t(gridDim.x) * kThreads32 * 8;
-  for (int64_t e0 = (int64_t(blockIdx.x) * kThreads32 + threadIdx.x) * 8; e0 < a.n; e0 += stride) {
-    const int64_t rem = a.n - e0;
+  for (int64_t u = begin + threadIdx.x; u < end; u += kThreads32) {
+    const int64_t e0 = u * 8;
+    const int64_t rem = n - e0;
     const int count = rem >= 8 ? 8 : int(rem);
-    const bool full = a.vec && count == 8;
-    float pv[8], gv[8], s1a[8], s1b[8], s2[8];
-    load8(a.p + e0, count, full, pv);
-    load8(a.g + e0, count, full, gv);
-    load8(a.s1 + e0, count, full, s1a);
+    const bool full = vec && count == 8;
+    float pv[8], gv[8], s1a[8], s1b[8], s2v[8];
+    load8(p + e0, count, full, pv);
+    load8(g + e0, count, full, gv);
+    load8(s1 + e0, count, full, s1a);
     if constexpr (state1_rows(K) == 2) {
-      load8(a.s1 + a.n + e0, count, full, s1b);
+      load8(s1 + n + e0, count, full, s1b);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) s1b[j] = 0.0f;
     }
     if constexpr (has_state2(K)) {
-      load8(a.s2 + e0, count, full, s2);
+      load8(s2 + e0, count, full, s2v);
     } else {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) s2[j] = 0.0f;
+      for (int j = 0; j < 8; ++j) s2v[j] = 0.0f;
     }
     float usq = 0.0f, psq = 0.0f;
     float np[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       float uj = 0.0f;
-      np[j] = step_elem<K, NORM>(pv[j], gv[j], s1a[j], s1b[j], s2[j], h, d, uscale, uj);
+      np[j] = step_elem<K, NORM>(pv[j], gv[j], s1a[j], s1b[j], s2v[j], h, d, uscale, uj);
       if constexpr (NORM) {
         if (j < count) usq = __fadd_rn(usq, uj), psq = __fadd_rn(psq, __fmul_rn(pv[j], pv[j]));
       }
@@ -345,13 +401,13 @@ __global__ void __launch_bounds__(kThreads32) update32_kernel(const Args32<T> a,
     if constexpr (NORM) {
       usum += usq, psum += psq;
     } else {
-      store8(a.p + e0, count, full, np);
-      store8(a.s1 + e0, count, full, s1a);
-      if constexpr (state1_rows(K) == 2) store8(a.s1 + a.n + e0, count, full, s1b);
-      if constexpr (has_state2(K)) store8(a.s2 + e0, count, full, s2);
+      store8(p + e0, count, full, np);
+      store8(s1 + e0, count, full, s1a);
+      if constexpr (state1_rows(K) == 2) store8(s1 + n + e0, count, full, s1b);
+      if constexpr (has_state2(K)) store8(s2 + e0, count, full, s2v);
     }
   }
-  if constexpr (NORM) write_partials(usum, psum, a.partials);
+  if constexpr (NORM) write_partials(usum, psum, partials);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -381,11 +437,14 @@ struct TableParams {
   int fast;          // the table fits; else the tree
 };
 
+constexpr int kMaxTensors8 = 44;  // tensors of a launch (see Tensors8)
+
 struct Shared8 {
   float q[2][256];
   float uscale;
   int bad[2];
   int pad;
+  Derived derived[kMaxTensors8];  // per tensor of the launch
   Table tab[3];  // one or two tables are allocated; the staging area starts where the next would
 };
 
@@ -556,23 +615,31 @@ __device__ __forceinline__ uint2 requantize8(const float (&v)[8], const Table& t
   return make_uint2(c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24), c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24));
 }
 
+// vec: p, g 16-byte aligned; codes 8-byte aligned (AdEMAMix: n % 8 == 0)
 template <typename T>
-struct Args8 {
-  T* p;
-  const T* g;
-  uint8_t* s1;
-  uint8_t* s2;
-  float* am1;
-  float* am2;
+struct Tensors8 : TableBase<kMaxTensors8> {
+  T* p[kMaxTensors8];
+  const T* g[kMaxTensors8];
+  uint8_t* s1[kMaxTensors8];
+  uint8_t* s2[kMaxTensors8];
+  float* am1[kMaxTensors8];
+  float* am2[kMaxTensors8];
+};
+
+// What the tensors of a launch share.
+struct Launch8 {
   const float* q1;
   const float* q2;
-  int64_t n;
-  int64_t nblocks;
-  int vec;         // p, g 16-byte aligned; codes 8-byte aligned (AdEMAMix: n % 8 == 0)
   int force_tree;  // TORCHLOWBIT_OPTIM_SEARCH=tree: the fallback search even where a table fits
   int stage;       // TORCHLOWBIT_OPTIM_STAGE=1: stage the next block through shared memory (cp.async)
   double* partials;
 };
+static_assert(sizeof(Tensors8<float>) + sizeof(Launch8) + sizeof(Hyper) <= kParamBytes, "kernel parameters");
+
+template <typename T>
+__device__ __forceinline__ int64_t blocks_of(const Tensors8<T>& tab, int t) {
+  return tab.first[t + 1] - tab.first[t];
+}
 
 // Decodes one lane's 8 elements of a block, steps them, and zeroes the new states past the end (the
 // reference pads the last block with zeros). NORM: adds u^2 and p^2 of the valid elements instead.
@@ -635,19 +702,37 @@ struct Stage {
   }
 };
 
+// Block b of tensor t goes through the stages when staging is on and it is a whole block of a tensor with
+// vector access.
+template <typename T>
+__device__ __forceinline__ bool staged(const Tensors8<T>& tab, const Launch8& l, int t, int64_t b) {
+  return l.stage && vec_at(tab, t) && b < tab.n[t] / kBlock8;
+}
+
 template <typename T, int K>
-__device__ __forceinline__ void stage_issue(const Args8<T>& a, const Stage<T, K>& st, int64_t blk, int tid) {
-  const int64_t e0 = blk * kBlock8 + (tid & 31) * 8;
-  const char* p = reinterpret_cast<const char*>(a.p + e0);
-  const char* g = reinterpret_cast<const char*>(a.g + e0);
+__device__ __forceinline__ void stage_issue(const Tensors8<T>& tab, int t, const Stage<T, K>& st, int64_t b, int tid) {
+  const int64_t e0 = b * kBlock8 + (tid & 31) * 8;
+  const char* p = reinterpret_cast<const char*>(tab.p[t] + e0);
+  const char* g = reinterpret_cast<const char*>(tab.g[t] + e0);
 #pragma unroll
   for (int c = 0; c < Stage<T, K>::kChunks; ++c) {
     cp_async16(st.p(c, tid), p + 16 * c);
     cp_async16(st.g(c, tid), g + 16 * c);
   }
-  cp_async8(st.codes(0, tid), a.s1 + e0);
-  if constexpr (state1_rows(K) == 2) cp_async8(st.codes(1, tid), a.s1 + a.n + e0);
-  if constexpr (has_state2(K)) cp_async8(st.codes(state1_rows(K), tid), a.s2 + e0);
+  cp_async8(st.codes(0, tid), tab.s1[t] + e0);
+  if constexpr (state1_rows(K) == 2) cp_async8(st.codes(1, tid), tab.s1[t] + tab.n[t] + e0);
+  if constexpr (has_state2(K)) cp_async8(st.codes(state1_rows(K), tid), tab.s2[t] + e0);
+}
+
+// The loads of block b of tensor t that go out ahead of its step: its absmax into registers and, when staged, its
+// data into stage st.
+template <typename T, int K>
+__device__ __forceinline__ void prefetch8(const Tensors8<T>& tab, const Launch8& l, int t, int64_t b,
+                                          const Stage<T, K>& st, int tid, float& am1a, float& am1b, float& am2) {
+  if (staged(tab, l, t, b)) stage_issue(tab, t, st, b, tid);
+  am1a = tab.am1[t][b];
+  if constexpr (state1_rows(K) == 2) am1b = tab.am1[t][blocks_of(tab, t) + b];
+  if constexpr (has_state2(K)) am2 = tab.am2[t][b];
 }
 
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
@@ -679,14 +764,15 @@ __device__ __forceinline__ Elem<at::BFloat16>::Raw8 raw_from_chunks<at::BFloat16
 constexpr int kMaxThreads8 = 1024;
 constexpr int kNormThreads8 = 512;
 
-// The step. Each warp walks its blocks, the next block's absmax prefetched into registers. Default: CTAs of
-// 512 threads, two per SM, loads straight into registers. Opt-in (TORCHLOWBIT_OPTIM_STAGE=1): one CTA of up
-// to 1024 threads per SM that stages the next block's p, g and codes through per-thread shared-memory slots
-// (cp.async) while it steps the current one. Measured on an H200 (benchmarks/bench_optim.py, 2026-11-21):
-// staging made the 8-bit Adam step slower (1.92 ms against 1.83 for the default structure), Lion much slower
-// (1.64 against 1.25); kept as an option for further measurement.
+// The step. Each warp walks its blocks (across the launch's tensors), the next block's absmax prefetched into
+// registers. Default: CTAs of 512 threads, two per SM, loads straight into registers. Opt-in
+// (TORCHLOWBIT_OPTIM_STAGE=1): one CTA of up to 1024 threads per SM that stages the next block's p, g and codes
+// through per-thread shared-memory slots (cp.async) while it steps the current one. Measured on an H200
+// (benchmarks/bench_optim.py, 2026-11-21): staging made the 8-bit Adam step slower (1.92 ms against 1.83 for the
+// default structure), Lion much slower (1.64 against 1.25); kept as an option for further measurement.
 template <typename T, int K>
-__global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T> a, const Hyper h) {
+__global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_constant__ Tensors8<T> tab, const Launch8 l,
+                                                                  const Hyper h) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem_raw);
   constexpr bool kTwo = has_state2(K);
@@ -695,53 +781,58 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T>
   const uint32_t stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(&sh.tab[kTwo ? 2 : 1]));
   const uint32_t stage_size = uint32_t(nthreads) * stage_bytes_per_thread<T, K>();
   const int lane = tid & 31;
-  const int64_t nwarps = int64_t(gridDim.x) * (nthreads >> 5);
-  const int64_t full_blocks = a.vec && a.stage ? a.n / kBlock8 : 0;  // blocks staged through shared memory
+  const int nwarps = gridDim.x * (nthreads >> 5);
 
   // the first block's loads go out before the tables are built
   int64_t blk = int64_t(blockIdx.x) * (nthreads >> 5) + (tid >> 5);
+  int t = 0;  // the tensor of blk
   float next1a = 0.0f, next1b = 0.0f, next2 = 0.0f;
-  if (blk < a.nblocks) {
-    if (blk < full_blocks) stage_issue(a, Stage<T, K>{stage0, nthreads}, blk, tid);
-    next1a = a.am1[blk];
-    if (kRows2) next1b = a.am1[a.nblocks + blk];
-    if (kTwo) next2 = a.am2[blk];
+  if (blk < tab.units) {
+    t = locate(tab, blk, t);
+    prefetch8<T, K>(tab, l, t, blk - tab.first[t], Stage<T, K>{stage0, nthreads}, tid, next1a, next1b, next2);
   }
   cp_async_commit();
 
   for (int i = tid; i < 256; i += nthreads) {
-    sh.q[0][i] = a.q1[i];
-    if (kTwo) sh.q[1][i] = a.q2[i];
+    sh.q[0][i] = l.q1[i];
+    if (kTwo) sh.q[1][i] = l.q2[i];
   }
+  for (int i = tid; i < tab.count; i += nthreads) sh.derived[i] = derive<K>(h, load_step(tab.step[i]));
   __syncthreads();
   TableParams tp1{}, tp2{};
-  tp1 = build_table(sh.q[0], sh.tab[0], &sh.bad[0], a.force_tree);
-  if constexpr (kTwo) tp2 = build_table(sh.q[1], sh.tab[1], &sh.bad[1], a.force_tree);
-  const Derived d = derive<K>(h);
+  tp1 = build_table(sh.q[0], sh.tab[0], &sh.bad[0], l.force_tree);
+  if constexpr (kTwo) tp2 = build_table(sh.q[1], sh.tab[1], &sh.bad[1], l.force_tree);
   float uscale = 1.0f;
   if (h.flags & kClip) uscale = clip_scale(h, &sh.uscale);
   const float* q1 = sh.q[0];
   const float* q2 = sh.q[1];
 
-  for (int s = 0; blk < a.nblocks; blk += nwarps, s ^= 1) {
+  for (int s = 0; blk < tab.units; blk += nwarps, s ^= 1) {
     const float am1a = next1a, am1b = next1b, am2 = next2;
     const int64_t nxt = blk + nwarps;
-    if (nxt < a.nblocks) {
-      if (nxt < full_blocks) stage_issue(a, Stage<T, K>{stage0 + (s ^ 1) * stage_size, nthreads}, nxt, tid);
-      next1a = a.am1[nxt];
-      if (kRows2) next1b = a.am1[a.nblocks + nxt];
-      if (kTwo) next2 = a.am2[nxt];
+    int tn = t;
+    if (nxt < tab.units) {
+      tn = locate(tab, nxt, t);
+      prefetch8<T, K>(tab, l, tn, nxt - tab.first[tn], Stage<T, K>{stage0 + (s ^ 1) * stage_size, nthreads}, tid,
+                      next1a, next1b, next2);
     }
     cp_async_commit();
     cp_async_wait_one();  // this thread's copies of block blk have landed
 
-    const int64_t e0 = blk * kBlock8 + lane * 8;
-    const int64_t rem = a.n - e0;
+    const int64_t b = blk - tab.first[t];  // the block within tensor t
+    const Derived& d = sh.derived[t];
+    T* const p = tab.p[t];
+    uint8_t* const s1 = tab.s1[t];
+    uint8_t* const s2 = tab.s2[t];
+    float* const am1 = tab.am1[t];
+    const int64_t n = tab.n[t], nblocks = blocks_of(tab, t);
+    const int64_t e0 = b * kBlock8 + lane * 8;
+    const int64_t rem = n - e0;
     const int count = rem >= 8 ? 8 : (rem > 0 ? int(rem) : 0);
-    const bool full = a.vec && count == 8;
+    const bool full = vec_at(tab, t) && count == 8;
     float pv[8], gv[8];
     uint2 c1a, c1b = make_uint2(0u, 0u), c2 = make_uint2(0u, 0u);
-    if (blk < full_blocks) {
+    if (staged(tab, l, t, b)) {
       const Stage<T, K> st{stage0 + s * stage_size, nthreads};
       Elem<T>::unpack8(raw_from_chunks<T>(st.p(0, tid), st.p(1, tid)), pv);
       Elem<T>::unpack8(raw_from_chunks<T>(st.g(0, tid), st.g(1, tid)), gv);
@@ -749,11 +840,11 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T>
       if (kRows2) c1b = lds64(st.codes(1, tid));
       if (kTwo) c2 = lds64(st.codes(state1_rows(K), tid));
     } else {
-      load8(a.p + e0, count, full, pv);
-      load8(a.g + e0, count, full, gv);
-      c1a = load_codes(a.s1 + e0, count, full);
-      if (kRows2) c1b = load_codes(a.s1 + a.n + e0, count, full);
-      if (kTwo) c2 = load_codes(a.s2 + e0, count, full);
+      load8(p + e0, count, full, pv);
+      load8(tab.g[t] + e0, count, full, gv);
+      c1a = load_codes(s1 + e0, count, full);
+      if (kRows2) c1b = load_codes(s1 + n + e0, count, full);
+      if (kTwo) c2 = load_codes(s2 + e0, count, full);
     }
 
     float n1a[8], n1b[8], n2[8], unused_u = 0.0f, unused_p = 0.0f;
@@ -761,59 +852,67 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const Args8<T>
                               unused_u, unused_p);
     float m;
     const uint2 o1a = requantize8<true>(n1a, sh.tab[0], tp1, &m);
-    store_codes(a.s1 + e0, count, full, o1a);
-    if (lane == 0) a.am1[blk] = m;
+    store_codes(s1 + e0, count, full, o1a);
+    if (lane == 0) am1[b] = m;
     if constexpr (kRows2) {
       const uint2 o1b = requantize8<true>(n1b, sh.tab[0], tp1, &m);
-      store_codes(a.s1 + a.n + e0, count, full, o1b);
-      if (lane == 0) a.am1[a.nblocks + blk] = m;
+      store_codes(s1 + n + e0, count, full, o1b);
+      if (lane == 0) am1[nblocks + b] = m;
     }
     if constexpr (kTwo) {
       const uint2 o2 = requantize8<false>(n2, sh.tab[1], tp2, &m);
-      store_codes(a.s2 + e0, count, full, o2);
-      if (lane == 0) a.am2[blk] = m;
+      store_codes(s2 + e0, count, full, o2);
+      if (lane == 0) tab.am2[t][b] = m;
     }
-    store8(a.p + e0, count, full, pv);
+    store8(p + e0, count, full, pv);
+    t = tn;
   }
   cp_async_wait_all();
 }
 
-// The max_unorm pass: u as the step computes it, direct loads, per-CTA float64 partial sums of u^2 and p^2.
+// The max_unorm pass over a launch of one tensor: u as the step computes it, direct loads, per-CTA float64
+// partial sums of u^2 and p^2.
 template <typename T, int K>
-__global__ void __launch_bounds__(kNormThreads8) norm8_kernel(const Args8<T> a, const Hyper h) {
+__global__ void __launch_bounds__(kNormThreads8) norm8_kernel(const __grid_constant__ Tensors8<T> tab, const Launch8 l,
+                                                              const Hyper h) {
   __shared__ float q[2][256];
   constexpr bool kTwo = has_state2(K);
   constexpr bool kRows2 = state1_rows(K) == 2;
   for (int i = threadIdx.x; i < 256; i += kNormThreads8) {
-    q[0][i] = a.q1[i];
-    if (kTwo) q[1][i] = a.q2[i];
+    q[0][i] = l.q1[i];
+    if (kTwo) q[1][i] = l.q2[i];
   }
   __syncthreads();
-  const Derived d = derive<K>(h);
+  const Derived d = derive<K>(h, load_step(tab.step[0]));
   const int lane = threadIdx.x & 31;
+  const T* const p = tab.p[0];
+  const T* const g = tab.g[0];
+  const uint8_t* const s1 = tab.s1[0];
+  const uint8_t* const s2 = tab.s2[0];
+  const int64_t n = tab.n[0], nblocks = tab.first[1];
   double usum = 0.0, psum = 0.0;
   const int64_t nwarps = int64_t(gridDim.x) * (kNormThreads8 / 32);
-  for (int64_t blk = int64_t(blockIdx.x) * (kNormThreads8 / 32) + (threadIdx.x >> 5); blk < a.nblocks;
+  for (int64_t blk = int64_t(blockIdx.x) * (kNormThreads8 / 32) + (threadIdx.x >> 5); blk < nblocks;
        blk += nwarps) {
     const int64_t e0 = blk * kBlock8 + lane * 8;
-    const int64_t rem = a.n - e0;
+    const int64_t rem = n - e0;
     const int count = rem >= 8 ? 8 : (rem > 0 ? int(rem) : 0);
-    const bool full = a.vec && count == 8;
+    const bool full = vec_at(tab, 0) && count == 8;
     float pv[8], gv[8];
-    load8(a.p + e0, count, full, pv);
-    load8(a.g + e0, count, full, gv);
-    const uint2 c1a = load_codes(a.s1 + e0, count, full);
-    const uint2 c1b = kRows2 ? load_codes(a.s1 + a.n + e0, count, full) : make_uint2(0u, 0u);
-    const uint2 c2 = kTwo ? load_codes(a.s2 + e0, count, full) : make_uint2(0u, 0u);
-    const float am1a = a.am1[blk];
-    const float am1b = kRows2 ? a.am1[a.nblocks + blk] : 0.0f;
-    const float am2 = kTwo ? a.am2[blk] : 0.0f;
+    load8(p + e0, count, full, pv);
+    load8(g + e0, count, full, gv);
+    const uint2 c1a = load_codes(s1 + e0, count, full);
+    const uint2 c1b = kRows2 ? load_codes(s1 + n + e0, count, full) : make_uint2(0u, 0u);
+    const uint2 c2 = kTwo ? load_codes(s2 + e0, count, full) : make_uint2(0u, 0u);
+    const float am1a = tab.am1[0][blk];
+    const float am1b = kRows2 ? tab.am1[0][nblocks + blk] : 0.0f;
+    const float am2 = kTwo ? tab.am2[0][blk] : 0.0f;
     float n1a[8], n1b[8], n2[8], usq = 0.0f, psq = 0.0f;
     decode_step8<T, K, true>(q[0], q[1], pv, gv, c1a, c1b, c2, am1a, am1b, am2, count, h, d, 1.0f, n1a, n1b, n2,
                              usq, psq);
     usum += usq, psum += psq;
   }
-  write_partials(usum, psum, a.partials);
+  write_partials(usum, psum, l.partials);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -891,8 +990,8 @@ const OptimizerInfo& check_common(c10::string_view name, const at::Tensor& p, co
   return opt;
 }
 
-Hyper make_hyper(const OptimizerInfo& opt, const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
-                 double beta3, double alpha, double eps, double weight_decay, double gnorm_scale, double max_unorm,
+Hyper make_hyper(const OptimizerInfo& opt, const at::Tensor& lr, double beta1, double beta2, double beta3,
+                 double alpha, double eps, double weight_decay, double gnorm_scale, double max_unorm,
                  bool skip_zeros) {
   Hyper h{};
   h.beta1 = static_cast<float>(beta1), h.beta2 = static_cast<float>(beta2), h.beta3 = static_cast<float>(beta3);
@@ -910,32 +1009,89 @@ Hyper make_hyper(const OptimizerInfo& opt, const at::Tensor& lr, const at::Tenso
   } else {
     h.lr_ptr = lr.data_ptr();
   }
-  switch (step.scalar_type()) {
-    case at::kInt: h.step_type = kStepInt32; break;
-    case at::kLong: h.step_type = kStepInt64; break;
-    case at::kFloat: h.step_type = kStepFloat32; break;
-    default: h.step_type = kStepFloat64; break;
-  }
-  if (step.is_cpu()) {
-    switch (h.step_type) {
-      case kStepInt32: h.step_value = static_cast<float>(step.item<int32_t>()); break;
-      case kStepInt64: h.step_value = static_cast<float>(step.item<int64_t>()); break;
-      case kStepFloat32: h.step_value = step.item<float>(); break;
-      default: h.step_value = static_cast<float>(step.item<double>()); break;
-    }
-  } else {
-    h.step_ptr = step.data_ptr();
-  }
   return h;
 }
 
-// A contiguous tensor to run the kernel on: t itself, or a contiguous copy (then copied back after).
-at::Tensor work_tensor(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-void write_back(at::Tensor& t, const at::Tensor& work) {
-  if (!work.is_same(t)) t.copy_(work);
+// A CPU step is read here (through its pointer: no dispatch per tensor), a device one in the kernels.
+StepArg step_arg(const at::Tensor& step) {
+  StepArg s{};
+  switch (step.scalar_type()) {
+    case at::kInt: s.type = kStepInt32; break;
+    case at::kLong: s.type = kStepInt64; break;
+    case at::kFloat: s.type = kStepFloat32; break;
+    default: s.type = kStepFloat64; break;
+  }
+  if (!step.is_cpu()) {
+    s.ptr = step.data_ptr();
+    return s;
+  }
+  const void* v = step.data_ptr();
+  switch (s.type) {
+    case kStepInt32: s.value = static_cast<float>(*static_cast<const int32_t*>(v)); break;
+    case kStepInt64: s.value = static_cast<float>(*static_cast<const int64_t*>(v)); break;
+    case kStepFloat32: s.value = *static_cast<const float*>(v); break;
+    default: s.value = static_cast<float>(*static_cast<const double*>(v)); break;
+  }
+  return s;
+}
+
+// Contiguous stand-ins of the non-contiguous tensors an update writes, copied back into them at the end.
+class WriteBack {
+ public:
+  at::Tensor work(const at::Tensor& t) {
+    if (t.is_contiguous()) return t;
+    at::Tensor w = t.contiguous();
+    pending_.emplace_back(t, w);
+    return w;
+  }
+  void finish() {
+    for (auto& [t, w] : pending_) t.copy_(w);
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
+};
+
+// One tensor's update as the kernels take it: contiguous tensors. s2 and am2 are undefined for optimizers with
+// one state, am1 and am2 for 32-bit states.
+struct Item {
+  at::Tensor p, g, s1, s2, am1, am2;
+  StepArg step;
+};
+
+Item make_item(WriteBack& out, const at::Tensor& p, const at::Tensor& g, const at::Tensor& state1,
+               const std::optional<at::Tensor>& state2, const at::Tensor& step,
+               const std::optional<at::Tensor>& absmax1 = std::nullopt,
+               const std::optional<at::Tensor>& absmax2 = std::nullopt) {
+  Item it;
+  it.p = out.work(p);
+  it.g = g.contiguous();
+  it.s1 = out.work(state1);
+  if (state2.has_value()) it.s2 = out.work(*state2);
+  if (absmax1.has_value()) it.am1 = out.work(*absmax1);
+  if (absmax2.has_value()) it.am2 = out.work(*absmax2);
+  it.step = step_arg(step);
+  return it;
 }
 
 bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Adds the common fields of the tensor whose pointers were just written at index tab.count.
+template <typename Table>
+void append(Table& tab, int64_t n, int64_t units, const StepArg& step, bool vec) {
+  const int i = tab.count++;
+  tab.n[i] = n;
+  tab.step[i] = step;
+  tab.first[i + 1] = tab.first[i] + units;
+  tab.units = tab.first[i + 1];
+  if (vec) tab.vec |= uint64_t{1} << i;
+}
+
+// Calls f(begin, end) for consecutive ranges of at most `per_launch` of `count` items.
+template <typename F>
+void in_launches(size_t count, size_t per_launch, const F& f) {
+  for (size_t begin = 0; begin < count; begin += per_launch) f(begin, std::min(count, begin + per_launch));
+}
 
 template <auto Kernel>
 int max_grid(int threads, size_t smem) {
@@ -949,73 +1105,158 @@ int max_grid(int threads, size_t smem) {
 
 constexpr int kMaxNormPartials = 1024;
 
-void optimizer_update_32bit_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
-                                 at::Tensor& state1, const std::optional<at::Tensor>& state2, const at::Tensor& lr,
-                                 const at::Tensor& step, double beta1, double beta2, double beta3, double alpha,
-                                 double eps, double weight_decay, double gnorm_scale, double max_unorm,
-                                 bool skip_zeros) {
-  const OptimizerInfo& opt = check_common(optimizer_name, p, g, state1, state2, lr, step, at::kFloat);
-  const c10::cuda::CUDAGuard guard(p.device());
-  const int64_t n = p.numel();
-  if (n == 0) return;
-  Hyper h = make_hyper(opt, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm,
-                       skip_zeros);
-  at::Tensor pw = work_tensor(p), s1w = work_tensor(state1);
-  at::Tensor s2w;
-  if (state2.has_value()) s2w = work_tensor(*state2);
-  const at::Tensor gc = g.contiguous();
-  const cudaStream_t stream = current_stream();
+// Splits the launch's tensors into chunks of `chunk` units, one CTA each; returns the CTAs.
+template <typename T>
+int split(Tensors32<T>& tab, int64_t chunk) {
+  tab.chunk = chunk;
+  for (int i = 0; i < tab.count; ++i)
+    tab.cta_first[i + 1] = tab.cta_first[i] + static_cast<int>(ceil_div(tab.first[i + 1] - tab.first[i], chunk));
+  return tab.cta_first[tab.count];
+}
 
-  dispatch_float(p.scalar_type(), [&](auto tag) {
+template <typename T, int K>
+void launch32(Tensors32<T> tab, Hyper h, const at::TensorOptions& options, cudaStream_t stream) {
+  at::Tensor partials;
+  if (h.flags & kClip) {  // a launch of one tensor; at most kMaxNormPartials CTAs
+    const int64_t ctas = std::min<int64_t>({ceil_div(tab.units, kThreads32),
+                                            max_grid<update32_kernel<T, K, true>>(kThreads32, 0), kMaxNormPartials});
+    const int grid = split(tab, ceil_div(tab.units, ctas));
+    partials = at::empty({2 * grid}, options.dtype(at::kDouble));
+    update32_kernel<T, K, true><<<grid, kThreads32, 0, stream>>>(tab, h, partials.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    h.partials = partials.data_ptr<double>();
+    h.npartials = grid;
+  }
+  const int grid = split(tab, kChunk32);
+  update32_kernel<T, K, false><<<grid, kThreads32, 0, stream>>>(tab, h, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The 32-bit updates of `items` (one dtype and device), as many tensors a launch as fit; max_unorm needs each
+// tensor's own norm pass, so one a launch then.
+void run32(const OptimizerInfo& opt, const std::vector<Item>& items, const Hyper& h) {
+  if (items.empty()) return;
+  const at::TensorOptions options = items[0].p.options();
+  const cudaStream_t stream = current_stream();
+  dispatch_float(items[0].p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_kind(opt.kind, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      Args32<T> a;
-      a.p = pw.data_ptr<T>();
-      a.g = gc.data_ptr<T>();
-      a.s1 = s1w.data_ptr<float>();
-      a.s2 = has_state2(K) ? s2w.data_ptr<float>() : nullptr;
-      a.n = n;
-      a.vec = aligned(a.p, 16) && aligned(a.g, 16) && aligned(a.s1, 16) && (a.s2 == nullptr || aligned(a.s2, 16)) &&
-              (state1_rows(K) == 1 || n % 4 == 0);
-      a.partials = nullptr;
-      const int64_t work = ceil_div(n, int64_t(kThreads32) * 8);
-      at::Tensor partials;
-      if (h.flags & kClip) {
-        const int grid = static_cast<int>(
-            std::min<int64_t>({work, max_grid<update32_kernel<T, K, true>>(kThreads32, 0), kMaxNormPartials}));
-        partials = at::empty({2 * grid}, p.options().dtype(at::kDouble));
-        a.partials = partials.data_ptr<double>();
-        update32_kernel<T, K, true><<<grid, kThreads32, 0, stream>>>(a, h);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        h.partials = a.partials;
-        h.npartials = grid;
-      }
-      const int grid =
-          static_cast<int>(std::min<int64_t>(work, 4 * int64_t(max_grid<update32_kernel<T, K, false>>(kThreads32, 0))));
-      update32_kernel<T, K, false><<<grid, kThreads32, 0, stream>>>(a, h);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      in_launches(items.size(), (h.flags & kClip) ? 1 : kMaxTensors32, [&](size_t begin, size_t end) {
+        Tensors32<T> tab{};
+        for (size_t k = begin; k < end; ++k) {
+          const Item& it = items[k];
+          const int i = tab.count;
+          tab.p[i] = it.p.data_ptr<T>();
+          tab.g[i] = it.g.data_ptr<T>();
+          tab.s1[i] = it.s1.data_ptr<float>();
+          tab.s2[i] = has_state2(K) ? it.s2.data_ptr<float>() : nullptr;
+          const int64_t n = it.p.numel();
+          const bool vec = aligned(tab.p[i], 16) && aligned(tab.g[i], 16) && aligned(tab.s1[i], 16) &&
+                           (tab.s2[i] == nullptr || aligned(tab.s2[i], 16)) && (state1_rows(K) == 1 || n % 4 == 0);
+          append(tab, n, ceil_div(n, 8), it.step, vec);
+        }
+        launch32<T, K>(tab, h, options, stream);
+      });
     });
   });
-  write_back(p, pw);
-  write_back(state1, s1w);
-  if (state2.has_value()) {
-    at::Tensor s2 = *state2;
-    write_back(s2, s2w);
-  }
 }
 
-void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
-                                          at::Tensor& state1, const std::optional<at::Tensor>& state2,
-                                          at::Tensor& absmax1, const std::optional<at::Tensor>& absmax2,
-                                          const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2,
-                                          const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
-                                          double beta3, double alpha, double eps, double weight_decay,
-                                          double gnorm_scale, double max_unorm, bool skip_zeros) {
-  const OptimizerInfo& opt = check_common(optimizer_name, p, g, state1, state2, lr, step, at::kByte);
-  // _check_8bit
-  const int64_t n = p.numel();
-  const int64_t nblocks = ceil_div(n, kBlock8);
+template <typename T, int K>
+void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions& options, cudaStream_t stream) {
+  const int64_t nblocks = tab.units;
+  at::Tensor partials;
+  if (h.flags & kClip) {  // a launch of one tensor
+    const int grid = static_cast<int>(std::min<int64_t>(
+        {ceil_div(nblocks, kNormThreads8 / 32), max_grid<norm8_kernel<T, K>>(kNormThreads8, 0), kMaxNormPartials}));
+    partials = at::empty({2 * grid}, options.dtype(at::kDouble));
+    l.partials = partials.data_ptr<double>();
+    norm8_kernel<T, K><<<grid, kNormThreads8, 0, stream>>>(tab, l, h);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    h.partials = l.partials;
+    h.npartials = grid;
+  }
+  // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
+  // threads (1024, 768 or 512) as the tables plus two stages allow.
+  const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
+  const int device = c10::cuda::current_device();
+  int threads = 512;
+  size_t smem = tables;
+  if (l.stage) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    threads = kMaxThreads8;
+    while (threads > 256 && tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>() > size_t(optin))
+      threads -= 256;
+    smem = tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>();
+  }
+  static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
+  if (device >= 64 || attribute_set[device] < smem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    if (device < 64) attribute_set[device] = smem;
+  }
+  static int ctas_per_sm[2] = {0, 0};  // [stage]: for this kernel's fixed configurations
+  if (ctas_per_sm[l.stage] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, threads, smem));
+    ctas_per_sm[l.stage] = n > 0 ? n : 1;
+  }
+  const int grid = static_cast<int>(
+      std::min<int64_t>(ceil_div(nblocks, threads / 32), int64_t(ctas_per_sm[l.stage]) * multiprocessor_count()));
+  update8_kernel<T, K><<<grid, threads, smem, stream>>>(tab, l, h);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The 8-bit updates of `items` (one dtype and device, one pair of maps), as run32.
+void run8(const OptimizerInfo& opt, const std::vector<Item>& items, const at::Tensor& qmap1,
+          const std::optional<at::Tensor>& qmap2, const Hyper& h) {
+  if (items.empty()) return;
+  const at::Tensor q1 = qmap1.contiguous();
+  const at::Tensor q2 = opt.state2 ? qmap2->contiguous() : at::Tensor();
+  Launch8 l{};
+  l.q1 = q1.data_ptr<float>();
+  l.q2 = opt.state2 ? q2.data_ptr<float>() : nullptr;
+  const char* search = std::getenv("TORCHLOWBIT_OPTIM_SEARCH");  // debugging and benchmarks: "tree"
+  l.force_tree = search != nullptr && std::string(search) == "tree";
+  const char* staging = std::getenv("TORCHLOWBIT_OPTIM_STAGE");  // benchmarks: "1" stages through cp.async
+  l.stage = staging != nullptr && std::string(staging) == "1";
+  const at::TensorOptions options = items[0].p.options();
+  const cudaStream_t stream = current_stream();
+  dispatch_float(items[0].p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_kind(opt.kind, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      in_launches(items.size(), (h.flags & kClip) ? 1 : kMaxTensors8, [&](size_t begin, size_t end) {
+        Tensors8<T> tab{};
+        for (size_t k = begin; k < end; ++k) {
+          const Item& it = items[k];
+          const int i = tab.count;
+          tab.p[i] = it.p.data_ptr<T>();
+          tab.g[i] = it.g.data_ptr<T>();
+          tab.s1[i] = it.s1.data_ptr<uint8_t>();
+          tab.s2[i] = has_state2(K) ? it.s2.data_ptr<uint8_t>() : nullptr;
+          tab.am1[i] = it.am1.data_ptr<float>();
+          tab.am2[i] = has_state2(K) ? it.am2.data_ptr<float>() : nullptr;
+          const int64_t n = it.p.numel();
+          const bool vec = aligned(tab.p[i], 16) && aligned(tab.g[i], 16) && aligned(tab.s1[i], 8) &&
+                           (tab.s2[i] == nullptr || aligned(tab.s2[i], 8)) && (state1_rows(K) == 1 || n % 8 == 0);
+          append(tab, n, ceil_div(n, kBlock8), it.step, vec);
+        }
+        launch8<T, K>(tab, l, h, options, stream);
+      });
+    });
+  });
+}
+
+// The checks of _check_8bit (the 8-bit ops) in the reference's order; returns the optimizer.
+const OptimizerInfo& check_8bit(c10::string_view name, const at::Tensor& p, const at::Tensor& g,
+                                const at::Tensor& state1, const std::optional<at::Tensor>& state2,
+                                const at::Tensor& absmax1, const std::optional<at::Tensor>& absmax2,
+                                const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2, const at::Tensor& lr,
+                                const at::Tensor& step) {
+  const OptimizerInfo& opt = check_common(name, p, g, state1, state2, lr, step, at::kByte);
+  const int64_t nblocks = ceil_div(p.numel(), kBlock8);
   check_dtype(absmax1, "absmax1", {at::kFloat});
   const std::string what1 = std::to_string(opt.rows) + " x " + std::to_string(nblocks) + " blocks of 256";
   check_numel(absmax1, "absmax1", opt.rows * nblocks, what1.c_str());
@@ -1034,92 +1275,133 @@ void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::T
                  {"absmax2", absmax2.has_value() ? &*absmax2 : nullptr},
                  {"qmap1", &qmap1},
                  {"qmap2", qmap2.has_value() ? &*qmap2 : nullptr}});
-  const c10::cuda::CUDAGuard guard(p.device());
-  if (n == 0) return;
-  Hyper h = make_hyper(opt, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm,
-                       skip_zeros);
-  at::Tensor pw = work_tensor(p), s1w = work_tensor(state1), am1w = work_tensor(absmax1);
-  at::Tensor s2w, am2w, q2c;
-  if (state2.has_value()) s2w = work_tensor(*state2), am2w = work_tensor(*absmax2), q2c = qmap2->contiguous();
-  const at::Tensor gc = g.contiguous();
-  const at::Tensor q1c = qmap1.contiguous();
-  const cudaStream_t stream = current_stream();
-  const char* search = std::getenv("TORCHLOWBIT_OPTIM_SEARCH");  // debugging and benchmarks: "tree"
-  const bool force_tree = search != nullptr && std::string(search) == "tree";
-  const char* staging = std::getenv("TORCHLOWBIT_OPTIM_STAGE");  // benchmarks: "1" stages through cp.async
-  const bool stage = staging != nullptr && std::string(staging) == "1";
+  return opt;
+}
 
-  dispatch_float(p.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    dispatch_kind(opt.kind, [&](auto kc) {
-      constexpr int K = decltype(kc)::value;
-      Args8<T> a;
-      a.p = pw.data_ptr<T>();
-      a.g = gc.data_ptr<T>();
-      a.s1 = s1w.data_ptr<uint8_t>();
-      a.s2 = has_state2(K) ? s2w.data_ptr<uint8_t>() : nullptr;
-      a.am1 = am1w.data_ptr<float>();
-      a.am2 = has_state2(K) ? am2w.data_ptr<float>() : nullptr;
-      a.q1 = q1c.data_ptr<float>();
-      a.q2 = has_state2(K) ? q2c.data_ptr<float>() : nullptr;
-      a.n = n;
-      a.nblocks = nblocks;
-      a.vec = aligned(a.p, 16) && aligned(a.g, 16) && aligned(a.s1, 8) && (a.s2 == nullptr || aligned(a.s2, 8)) &&
-              (state1_rows(K) == 1 || n % 8 == 0);
-      a.force_tree = force_tree;
-      a.stage = stage;
-      a.partials = nullptr;
-      at::Tensor partials;
-      if (h.flags & kClip) {
-        const int grid = static_cast<int>(std::min<int64_t>(
-            {ceil_div(nblocks, kNormThreads8 / 32), max_grid<norm8_kernel<T, K>>(kNormThreads8, 0), kMaxNormPartials}));
-        partials = at::empty({2 * grid}, p.options().dtype(at::kDouble));
-        a.partials = partials.data_ptr<double>();
-        norm8_kernel<T, K><<<grid, kNormThreads8, 0, stream>>>(a, h);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        h.partials = a.partials;
-        h.npartials = grid;
-      }
-      // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
-      // threads (1024, 768 or 512) as the tables plus two stages allow.
-      const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
-      const int device = p.get_device();
-      int threads = 512;
-      size_t smem = tables;
-      if (stage) {
-        int optin = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        threads = kMaxThreads8;
-        while (threads > 256 && tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>() > size_t(optin))
-          threads -= 256;
-        smem = tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>();
-      }
-      static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
-      if (device >= 64 || attribute_set[device] < smem) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-        if (device < 64) attribute_set[device] = smem;
-      }
-      static int ctas_per_sm[2] = {0, 0};  // [stage]: for this kernel's fixed configurations
-      if (ctas_per_sm[stage] == 0) {
-        int n = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, threads, smem));
-        ctas_per_sm[stage] = n > 0 ? n : 1;
-      }
-      const int grid = static_cast<int>(
-          std::min<int64_t>(ceil_div(nblocks, threads / 32), int64_t(ctas_per_sm[stage]) * multiprocessor_count()));
-      update8_kernel<T, K><<<grid, threads, smem, stream>>>(a, h);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  write_back(p, pw);
-  write_back(state1, s1w);
-  write_back(absmax1, am1w);
-  if (state2.has_value()) {
-    at::Tensor s2 = *state2, a2 = *absmax2;
-    write_back(s2, s2w);
-    write_back(a2, am2w);
+// The grouped ops' list checks (the reference's _check_lists): one entry per parameter (none of an absent second
+// state), p of one dtype and one device.
+void check_lists(const OptimizerInfo& opt, at::TensorList p,
+                 std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  for (const auto& [arg, tensors] : lists) {
+    const std::string name = arg;
+    const auto size = static_cast<int64_t>(tensors.size());
+    if ((name == "state2" || name == "absmax2") && !opt.state2) {
+      TORCH_CHECK_VALUE(size == 0, "optimizer '", opt.name, "' has one state: ", name, " must be empty, got ",
+                        num(size), " tensors");
+    } else {
+      TORCH_CHECK_VALUE(tensors.size() == p.size(), name, " must hold one tensor per parameter (", num(p.size()),
+                        "), got ", num(size));
+    }
   }
+  for (size_t i = 1; i < p.size(); ++i) {
+    TORCH_CHECK_TYPE(p[i].scalar_type() == p[0].scalar_type(), "p[", num(i), "] must have the dtype of p[0] (torch.",
+                     dtype_name(p[0].scalar_type()), "), got torch.", dtype_name(p[i].scalar_type()));
+    TORCH_CHECK_VALUE(p[i].device() == p[0].device(), "all tensors must be on one device, got p[0] on ",
+                      p[0].device().str(), ", p[", num(i), "] on ", p[i].device().str());
+  }
+}
+
+// Entry i of a list that is empty where the optimizer has no such state.
+std::optional<at::Tensor> entry(at::TensorList list, size_t i) {
+  return list.empty() ? std::nullopt : std::optional<at::Tensor>(list[i]);
+}
+
+// One entry's checks; an error names the entry, as the reference's _entries.
+template <typename F>
+void check_entry(size_t i, const F& check) {
+  try {
+    check();
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "entry ", num(i), " of the lists: ", e.msg());
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, "entry ", num(i), " of the lists: ", e.msg());
+  }
+}
+
+void optimizer_update_32bit_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
+                                 at::Tensor& state1, const std::optional<at::Tensor>& state2, const at::Tensor& lr,
+                                 const at::Tensor& step, double beta1, double beta2, double beta3, double alpha,
+                                 double eps, double weight_decay, double gnorm_scale, double max_unorm,
+                                 bool skip_zeros) {
+  const OptimizerInfo& opt = check_common(optimizer_name, p, g, state1, state2, lr, step, at::kFloat);
+  const c10::cuda::CUDAGuard guard(p.device());
+  if (p.numel() == 0) return;
+  WriteBack out;
+  run32(opt, {make_item(out, p, g, state1, state2, step)},
+        make_hyper(opt, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros));
+  out.finish();
+}
+
+void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::Tensor& p, const at::Tensor& g,
+                                          at::Tensor& state1, const std::optional<at::Tensor>& state2,
+                                          at::Tensor& absmax1, const std::optional<at::Tensor>& absmax2,
+                                          const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2,
+                                          const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
+                                          double beta3, double alpha, double eps, double weight_decay,
+                                          double gnorm_scale, double max_unorm, bool skip_zeros) {
+  const OptimizerInfo& opt =
+      check_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step);
+  const c10::cuda::CUDAGuard guard(p.device());
+  if (p.numel() == 0) return;
+  WriteBack out;
+  run8(opt, {make_item(out, p, g, state1, state2, step, absmax1, absmax2)}, qmap1, qmap2,
+       make_hyper(opt, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros));
+  out.finish();
+}
+
+void optimizer_update_32bit_grouped_cuda(c10::string_view optimizer_name, at::TensorList p, at::TensorList g,
+                                         at::TensorList state1, at::TensorList state2, const at::Tensor& lr,
+                                         at::TensorList step, double beta1, double beta2, double beta3, double alpha,
+                                         double eps, double weight_decay, double gnorm_scale, double max_unorm,
+                                         bool skip_zeros) {
+  const OptimizerInfo& opt = find_optimizer(optimizer_name);
+  check_lists(opt, p, {{"g", g}, {"state1", state1}, {"state2", state2}, {"step", step}});
+  for (size_t i = 0; i < p.size(); ++i) {
+    check_entry(i, [&] {
+      check_common(optimizer_name, p[i], g[i], state1[i], entry(state2, i), lr, step[i], at::kFloat);
+    });
+  }
+  if (p.empty()) return;
+  const c10::cuda::CUDAGuard guard(p[0].device());
+  WriteBack out;
+  std::vector<Item> items;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i].numel() > 0) items.push_back(make_item(out, p[i], g[i], state1[i], entry(state2, i), step[i]));
+  }
+  run32(opt, items,
+        make_hyper(opt, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros));
+  out.finish();
+}
+
+void optimizer_update_8bit_blockwise_grouped_cuda(
+    c10::string_view optimizer_name, at::TensorList p, at::TensorList g, at::TensorList state1,
+    at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
+    const std::optional<at::Tensor>& qmap2, const at::Tensor& lr, at::TensorList step, double beta1, double beta2,
+    double beta3, double alpha, double eps, double weight_decay, double gnorm_scale, double max_unorm,
+    bool skip_zeros) {
+  const OptimizerInfo& opt = find_optimizer(optimizer_name);
+  check_lists(opt, p,
+              {{"g", g}, {"state1", state1}, {"state2", state2}, {"absmax1", absmax1}, {"absmax2", absmax2},
+               {"step", step}});
+  for (size_t i = 0; i < p.size(); ++i) {
+    check_entry(i, [&] {
+      check_8bit(optimizer_name, p[i], g[i], state1[i], entry(state2, i), absmax1[i], entry(absmax2, i), qmap1,
+                 qmap2, lr, step[i]);
+    });
+  }
+  if (p.empty()) return;
+  const c10::cuda::CUDAGuard guard(p[0].device());
+  WriteBack out;
+  std::vector<Item> items;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i].numel() > 0) {
+      items.push_back(
+          make_item(out, p[i], g[i], state1[i], entry(state2, i), step[i], absmax1[i], entry(absmax2, i)));
+    }
+  }
+  run8(opt, items, qmap1, qmap2,
+       make_hyper(opt, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros));
+  out.finish();
 }
 
 }  // namespace
@@ -1128,4 +1410,6 @@ void optimizer_update_8bit_blockwise_cuda(c10::string_view optimizer_name, at::T
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
   m.impl("optimizer_update_32bit", TORCH_FN(lowbit::optimizer_update_32bit_cuda));
   m.impl("optimizer_update_8bit_blockwise", TORCH_FN(lowbit::optimizer_update_8bit_blockwise_cuda));
+  m.impl("optimizer_update_32bit_grouped", TORCH_FN(lowbit::optimizer_update_32bit_grouped_cuda));
+  m.impl("optimizer_update_8bit_blockwise_grouped", TORCH_FN(lowbit::optimizer_update_8bit_blockwise_grouped_cuda));
 }

@@ -373,7 +373,8 @@ def test_steps_never_synchronize_with_device_scalars():
 
 
 def test_cuda_runs_the_native_kernels():
-    for op in ("optimizer_update_32bit", "optimizer_update_8bit_blockwise"):
+    ops = ("optimizer_update_32bit", "optimizer_update_8bit_blockwise")
+    for op in (*ops, *(f"{op}_grouped" for op in ops)):
         assert op not in CUDA_REFERENCE_OPS
         table = torch._C._dispatch_dump_table(f"lowbit::{op}")
         cuda = [line for line in table.splitlines() if line.startswith("CUDA")]
@@ -408,5 +409,161 @@ def _bad_calls():
 
 def test_bad_arguments_raise_clear_errors_on_cuda():
     for _description, call, exception, match in _bad_calls():
+        with pytest.raises(exception, match=match):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grouped ops: one launch for many tensors (tests/ops/test_optimizer_update.py checks them bit for bit against
+# the single-tensor ops on every device).
+
+OP32_GROUPED = torch.ops.lowbit.optimizer_update_32bit_grouped
+OP8_GROUPED = torch.ops.lowbit.optimizer_update_8bit_blockwise_grouped
+GROUP_SHAPES = [(25, 40), (7, 143), (1,), (300,), (3, 4099), (513,)]
+
+
+def _grouped_inputs(name, bits, dtype, shapes=GROUP_SHAPES, seed=20):
+    """CPU (p, g, state lists, maps, steps): one list per argument, empty where absent; step i + 1 for tensor i."""
+    gen = _gen(seed)
+    ps, gs, states = [], [], []
+    for shape in shapes:
+        ps.append(torch.randn(shape, generator=gen).to(dtype))
+        gs.append(_gradients(shape, dtype, 1, gen)[0])
+        states.append(_states32(name, shape, gen) if bits == 32 else _states8(name, shape, gen))
+    columns = [[] if column[0] is None else list(column) for column in zip(*states, strict=True)]
+    maps = () if bits == 32 else (states[0][4], states[0][5])
+    steps = [torch.tensor(float(t)) for t in range(1, len(shapes) + 1)]
+    return ps, gs, columns[: 4 if bits == 8 else 2], maps, steps
+
+
+def _run_grouped(name, ps, gs, states, maps, lr, steps, config):
+    if maps:
+        OP8_GROUPED(name, ps, gs, *states, *maps, lr, steps, *HYPER, *config)
+    else:
+        OP32_GROUPED(name, ps, gs, *states, lr, steps, *HYPER, *config)
+
+
+def _to_cuda(inputs):
+    ps, gs, states, maps, steps = inputs
+    return _cuda(ps), _cuda(gs), [_cuda(column) for column in states], tuple(_cuda(maps)), steps
+
+
+@pytest.mark.parametrize("config", ["plain", "skip_zeros", "max_unorm"])
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_matches_cpu_reference(name, dtype, bits, config):
+    cpu = _grouped_inputs(name, bits, dtype)
+    dev = _to_cuda(cpu)
+    lr = torch.tensor(1e-2 if name != "lion" else 1e-3)
+    _run_grouped(name, *cpu[:4], lr, cpu[4], CONFIGS[config])
+    _run_grouped(name, *dev[:4], lr, dev[4], CONFIGS[config])
+    where = f"{name} {dtype} {bits}-bit"
+    for i, (d, c) in enumerate(zip(dev[0], cpu[0], strict=True)):
+        _assert_float_close(d, c, f"{where} p[{i}]")
+    for label, d_column, c_column in zip(("state1", "state2", "absmax1", "absmax2"), dev[2], cpu[2], strict=False):
+        for i, (d, c) in enumerate(zip(d_column, c_column, strict=True)):
+            check = _assert_codes_close if c.dtype == torch.uint8 else _assert_float_close
+            check(d, c, f"{where} {label}[{i}]")
+
+
+def test_grouped_steps_never_synchronize():
+    work = []
+    for name in NAMES:
+        for bits in (32, 8):
+            ps, gs, states, maps, steps = _to_cuda(_grouped_inputs(name, bits, torch.float32))
+            work.append((name, ps, gs, states, maps, steps, [s.cuda() for s in steps]))
+    lr_cpu, lr_dev = torch.tensor(1e-3), torch.tensor(1e-3, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name, ps, gs, states, maps, cpu_steps, dev_steps in work:
+            for max_unorm in (0.0, 0.5):
+                config = (0.01, 1.0, max_unorm, True)
+                _run_grouped(name, ps, gs, states, maps, lr_cpu, cpu_steps, config)
+                _run_grouped(name, ps, gs, states, maps, lr_dev, dev_steps, config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for _, ps, *_ in work for p in ps)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_grouped_cuda_graph_capture(bits):
+    """A captured grouped step replays like eager steps; device lr and steps are read at replay time."""
+    name, config = "adam", (0.01, 1.0, 0.0, False)
+    ps0, gs, states0, maps, _ = _to_cuda(_grouped_inputs(name, bits, torch.float32))
+
+    def fresh():
+        return [p.clone() for p in ps0], [_clone(column) for column in states0]
+
+    def step_fn(ps, states, lr, steps):
+        torch._foreach_add_(steps, 1)
+        _run_grouped(name, ps, gs, states, maps, lr, steps, config)
+
+    lrs = (1e-2, 5e-3, 2e-3)
+    p_eager, states_eager = fresh()
+    lr_eager, steps_eager = torch.tensor(0.0, device="cuda"), [torch.zeros((), device="cuda") for _ in ps0]
+    for value in lrs:
+        lr_eager.fill_(value)
+        step_fn(p_eager, states_eager, lr_eager, steps_eager)
+
+    p, states = fresh()
+    lr, steps = torch.tensor(lrs[0], device="cuda"), [torch.zeros((), device="cuda") for _ in ps0]
+    warm_p, warm_states = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        step_fn(warm_p, warm_states, lr, [s.clone() for s in steps])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn(p, states, lr, steps)
+    for value in lrs:
+        lr.fill_(value)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(s.item() == 3 for s in steps)
+    for a, b in zip(p, p_eager, strict=True):
+        assert torch.equal(a, b)
+    for column, column_eager in zip(states, states_eager, strict=True):
+        for a, b in zip(column, column_eager, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("env", ["TORCHLOWBIT_OPTIM_STAGE=1", "TORCHLOWBIT_OPTIM_SEARCH=tree"])
+def test_grouped_8bit_staged_and_tree_search_equal_single_tensor_steps(monkeypatch, env):
+    monkeypatch.setenv(*env.split("="))
+    shapes = [(7, 143), (2048,), (3, 4099), (100_003,)]
+    lr, config = torch.tensor(1e-3), CONFIGS["skip_zeros"]
+    for name in NAMES:
+        grouped = _to_cuda(_grouped_inputs(name, 8, torch.bfloat16, shapes))
+        _run_grouped(name, *grouped[:4], lr, grouped[4], config)
+        ps, gs, states, maps, steps = _to_cuda(_grouped_inputs(name, 8, torch.bfloat16, shapes))
+        for i, (p, g, step) in enumerate(zip(ps, gs, steps, strict=True)):
+            state1, state2, absmax1, absmax2 = (column[i] if column else None for column in states)
+            OP8(name, p, g, state1, state2, absmax1, absmax2, *maps, lr, step, *HYPER, *config)
+        for a, b in zip([*grouped[0], *sum(grouped[2], [])], [*ps, *sum(states, [])], strict=True):
+            assert torch.equal(a, b), name
+
+
+def _bad_grouped_calls():
+    ps, gs, (state1, state2), _, steps = _to_cuda(_grouped_inputs("adam", 32, torch.float32, [(300,), (10, 3)]))
+    lr, h = torch.tensor(1e-3), (*HYPER, 0.0)
+
+    def op32(p=ps, g=gs, s1=state1, s2=state2, step=steps, name="adam"):
+        return OP32_GROUPED(name, p, g, s1, s2, lr, step, *h)
+
+    return [
+        ("g list short", lambda: op32(g=gs[:1]), ValueError, r"g must hold one tensor per parameter \(2\), got 1"),
+        ("state2 for lion", lambda: op32(name="lion"), ValueError, "'lion' has one state: state2 must be empty"),
+        ("p dtypes", lambda: op32(p=[ps[0], ps[1].half()]), TypeError, r"p\[1\] must have the dtype of p\[0\]"),
+        ("p devices", lambda: op32(p=[ps[0], ps[1].cpu()]), ValueError, r"one device.*p\[1\] on cpu"),
+        ("entry g shape", lambda: op32(g=[gs[0], gs[0]]), ValueError, "entry 1 of the lists: g must have shape"),
+        ("entry state dtype", lambda: op32(s1=[state1[0], state1[1].half()]), TypeError, "entry 1 of the lists"),
+    ]
+
+
+def test_grouped_bad_arguments_raise_clear_errors_on_cuda():
+    for _description, call, exception, match in _bad_grouped_calls():
         with pytest.raises(exception, match=match):
             call()

@@ -409,3 +409,198 @@ def test_bad_arguments_raise_clear_errors(case):
     _, call, exception, match = case
     with pytest.raises(exception, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grouped ops: lists of parameters, one step count each, one lr and one pair of maps.
+
+OP32_GROUPED = torch.ops.lowbit.optimizer_update_32bit_grouped
+OP8_GROUPED = torch.ops.lowbit.optimizer_update_8bit_blockwise_grouped
+# mixed sizes, most not multiples of 256 (and one empty); with the layouts of _entry
+GROUP_SHAPES = [(25, 40), (7, 143), (1,), (0,), (300,), (3, 1100), (513,)]
+LAYOUTS = ["contiguous", "transposed", "contiguous", "contiguous", "offset", "contiguous", "contiguous"]
+
+
+def _laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` as a contiguous tensor, a transposed view, or a view one element into its storage (misaligned)."""
+    if layout == "transposed" and values.dim() == 2:
+        return values.t().contiguous().t()
+    if layout == "offset":
+        storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=values.device)
+        return storage[1:].view(values.shape).copy_(values)
+    return values
+
+
+def _entry(name, bits, shape, dtype, device, step, layout="contiguous", qmap1=None) -> list:
+    """One parameter's fresh random [p, g, state1, state2, absmax1, absmax2, step] (None where absent)."""
+    p = _laid_out(torch.randn(shape, device=device).to(dtype), layout)
+    g = torch.randn(shape, device=device)
+    g.view(-1)[::7] = 0
+    g = _laid_out(g.to(dtype), layout)
+    step = torch.tensor(float(step))
+    if bits == 32:
+        state1, state2 = _random_32bit_states(name, p)
+        return [p, g, _laid_out(state1, layout), state2, None, None, step]
+    st = State8bit(name, p)
+    positive = name in ("rmsprop", "adagrad")  # sums of squares: codes of nonnegative values
+    st.state1.random_(int((st.qmap1 < 0).sum()) if positive else 0, 256)
+    st.absmax1.uniform_(0.1, 1.0)
+    if st.state2 is not None:
+        st.state2.random_(0, 256)
+        st.absmax2.uniform_(0.1, 1.0)
+    return [p, g, _laid_out(st.state1, layout), st.state2, st.absmax1, st.absmax2, step]
+
+
+def _group(name, bits, dtype, device, shapes=GROUP_SHAPES, layouts=LAYOUTS, seed=0) -> list[list]:
+    """Entries at steps 1, 2, ... (each parameter keeps its own count); the same tensors for the same seed."""
+    torch.manual_seed(seed)
+    pairs = enumerate(zip(shapes, layouts, strict=True), start=1)
+    return [_entry(name, bits, shape, dtype, device, step, layout) for step, (shape, layout) in pairs]
+
+
+def _columns(entries: list[list]) -> list[list]:
+    """The grouped ops' lists: one per argument, empty where the optimizer has no such state."""
+    return [[] if column[0] is None else list(column) for column in zip(*entries, strict=True)]
+
+
+def _maps(name, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    two = OPTIMIZERS[name].has_state2
+    return create_dynamic_map(signed=True).to(device), create_dynamic_map(signed=False).to(device) if two else None
+
+
+def _hyper(name, max_unorm=0.0) -> tuple:
+    """(beta1, ..., skip_zeros) with weight decay, gradient scaling and skipped zeros."""
+    return (*_args(weight_decay=0.01), 0.5, max_unorm, True)
+
+
+def _step_each(name, bits, entries, lr, hyper, qmaps) -> None:
+    for p, g, state1, state2, absmax1, absmax2, step in entries:
+        if bits == 32:
+            torch.ops.lowbit.optimizer_update_32bit(name, p, g, state1, state2, lr, step, *hyper)
+        else:
+            torch.ops.lowbit.optimizer_update_8bit_blockwise(
+                name, p, g, state1, state2, absmax1, absmax2, *qmaps, lr, step, *hyper
+            )
+
+
+def _step_grouped(name, bits, entries, lr, hyper, qmaps) -> None:
+    p, g, state1, state2, absmax1, absmax2, steps = _columns(entries)
+    if bits == 32:
+        OP32_GROUPED(name, p, g, state1, state2, lr, steps, *hyper)
+    else:
+        OP8_GROUPED(name, p, g, state1, state2, absmax1, absmax2, *qmaps, lr, steps, *hyper)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits (NaN payloads and signed zeros included)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]) if t.is_floating_point() else t
+
+
+def _assert_same_results(grouped: list[list], each: list[list]) -> None:
+    for index, (a, b) in enumerate(zip(grouped, each, strict=True)):
+        for position, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x is not None:
+                assert torch.equal(_bits(x), _bits(y)), f"entry {index}, argument {position}"
+
+
+@pytest.mark.parametrize("max_unorm", [0.0, 0.5])
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_equals_per_tensor_op(device, name, dtype, bits, max_unorm):
+    grouped, each = _group(name, bits, dtype, device), _group(name, bits, dtype, device)
+    lr, hyper, qmaps = torch.tensor(1e-2), _hyper(name, max_unorm), _maps(name, device)
+    for _ in range(2):  # the second step from the states of the first
+        _step_grouped(name, bits, grouped, lr, hyper, qmaps)
+        _step_each(name, bits, each, lr, hyper, qmaps)
+        _assert_same_results(grouped, each)
+    assert not torch.equal(grouped[0][0], _group(name, bits, dtype, device)[0][0])  # it stepped
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", ["adam", "ademamix", "lion", "momentum"])
+def test_grouped_many_tensors(device, name, bits):
+    """More tensors than one CUDA launch takes: the list is split into several launches."""
+    sizes = torch.randint(1, 3000, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    shapes, layouts = [(n,) for n in sizes], ["contiguous"] * len(sizes)
+    grouped = _group(name, bits, torch.bfloat16, device, shapes, layouts, seed=2)
+    each = _group(name, bits, torch.bfloat16, device, shapes, layouts, seed=2)
+    lr, hyper, qmaps = torch.tensor(1e-3), _hyper(name), _maps(name, device)
+    _step_grouped(name, bits, grouped, lr, hyper, qmaps)
+    _step_each(name, bits, each, lr, hyper, qmaps)
+    _assert_same_results(grouped, each)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", ["adam", "momentum"])
+def test_grouped_lr_and_steps_on_the_device(device, name, bits):
+    grouped, each = _group(name, bits, torch.float32, device), _group(name, bits, torch.float32, device)
+    for entry in grouped:
+        entry[-1] = entry[-1].to(device=device, dtype=torch.int64)
+    lr, hyper, qmaps = torch.tensor(1e-2, dtype=torch.float64), _hyper(name), _maps(name, device)
+    _step_grouped(name, bits, grouped, lr.to(device), hyper, qmaps)
+    _step_each(name, bits, each, lr, hyper, qmaps)
+    _assert_same_results([e[:-1] for e in grouped], [e[:-1] for e in each])
+
+
+def test_grouped_empty_lists_do_nothing(device):
+    lr, hyper = torch.tensor(1e-2), _hyper("adam")
+    OP32_GROUPED("adam", [], [], [], [], lr, [], *hyper)
+    OP8_GROUPED("lion", [], [], [], [], [], [], *_maps("lion", device), lr, [], *hyper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck_grouped(device, name, bits, dtype):
+    p, g, state1, state2, absmax1, absmax2, steps = _columns(_group(name, bits, dtype, device, seed=3))
+    lr, hyper = torch.tensor(1e-2), _hyper(name, max_unorm=0.5)
+    if bits == 32:
+        args = (name, p, g, state1, state2, lr, steps, *hyper)
+        torch.library.opcheck(OP32_GROUPED, args)
+    else:
+        args = (name, p, g, state1, state2, absmax1, absmax2, *_maps(name, device), lr, steps, *hyper)
+        torch.library.opcheck(OP8_GROUPED, args)
+
+
+def _bad_grouped_calls():
+    """(description, call, exception, match) for argument errors of the grouped ops."""
+    lr, hyper = torch.tensor(1e-3), _args()
+    p32, g32, s1, s2, _, _, t = _columns(
+        _group("adam", 32, torch.float32, "cpu", [(300,), (10, 3)], ["contiguous"] * 2)
+    )
+    p8, g8, c1, c2, a1, a2, t8 = _columns(
+        _group("adam", 8, torch.float32, "cpu", [(300,), (10, 3)], ["contiguous"] * 2)
+    )
+    q1, q2 = _maps("adam", "cpu")
+    one, two = torch.zeros(300), torch.zeros(30)
+
+    def op32(name="adam", p=p32, g=g32, state1=s1, state2=s2, step=t):
+        return OP32_GROUPED(name, p, g, state1, state2, lr, step, *hyper)
+
+    def op8(p=p8, state1=c1, state2=c2, absmax1=a1, absmax2=a2, qmap2=q2):
+        return OP8_GROUPED("adam", p, g8, state1, state2, absmax1, absmax2, q1, qmap2, lr, t8, *hyper)
+
+    return [
+        ("unknown name", lambda: op32(name="sgd"), ValueError, "optimizer_name.*adam"),
+        ("g list short", lambda: op32(g=g32[:1]), ValueError, r"g must hold one tensor per parameter \(2\), got 1"),
+        ("step list long", lambda: op32(step=[*t, t[0]]), ValueError, "step must hold one tensor per parameter"),
+        ("state2 missing", lambda: op32(state2=[]), ValueError, "state2 must hold one tensor per parameter"),
+        ("state2 for lion", lambda: op32("lion", state2=s2), ValueError, "'lion' has one state: state2 must be empty"),
+        ("p dtypes", lambda: op32(p=[p32[0], p32[1].half()]), TypeError, r"p\[1\] must have the dtype of p\[0\]"),
+        ("p devices", lambda: op32(p=[p32[0], p32[1].to("meta")]), ValueError, r"one device.*p\[1\] on meta"),
+        ("entry g shape", lambda: op32(g=[g32[0], g32[0]]), ValueError, "entry 1 of the lists: g must have shape"),
+        ("entry state dtype", lambda: op32(state1=[one, two.half()]), TypeError, "entry 1 of the lists: state1"),
+        ("entry step", lambda: op32(step=[t[0], t[1][None]]), ValueError, "entry 1 of the lists: step must be a 0-d"),
+        ("8-bit float state", lambda: op8(state1=[one, c1[1]]), TypeError, "entry 0 of the lists: state1"),
+        ("absmax1 length", lambda: op8(absmax1=[a1[0][:1], a1[1]]), ValueError, "entry 0 of the lists: absmax1"),
+        ("absmax2 list short", lambda: op8(absmax2=a2[:1]), ValueError, "absmax2 must hold one tensor per parameter"),
+        ("qmap2 missing", lambda: op8(qmap2=None), ValueError, "entry 0 of the lists: qmap2 must be given"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_grouped_calls(), ids=lambda case: case[0] if isinstance(case, tuple) else "")
+def test_grouped_bad_arguments_raise_clear_errors(case):
+    _, call, exception, match = case
+    with pytest.raises(exception, match=match):
+        call()

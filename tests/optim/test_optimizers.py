@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchlowbit as bnb
 from torchlowbit.optim.optimizer import Optimizer8bit
@@ -287,3 +288,119 @@ def test_paged_states_never_exceed_free_memory(monkeypatch):
     p.grad = torch.ones_like(p)
     with pytest.raises(torch.OutOfMemoryError, match="free"):
         optimizer.step()
+
+
+class _OpCalls(TorchDispatchMode):
+    """Records the lowbit ops called (name, number of parameters) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lowbit":
+            self.calls.append((func.__name__.split(".")[0], len(args[1]) if isinstance(args[1], list) else 1))
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_issues_one_grouped_op_per_unit():
+    big = [_param("cpu", seed=seed) for seed in range(3)]  # 8-bit states
+    small = [_param("cpu", shape=(10, 8), seed=seed) for seed in (4, 5)]  # 32-bit states (under min_8bit_size)
+    half = _param("cpu", dtype=torch.bfloat16, seed=6)
+    other = _param("cpu", seed=7)
+    opt = bnb.optim.AdamW8bit([{"params": [*big, half, *small]}, {"params": [other], "lr": 1e-2}])
+    for _ in range(2):  # the first step creates the states, the second reuses the grouping
+        for p in (*big, *small, half, other):
+            p.grad = torch.ones_like(p)
+        with _OpCalls() as mode:
+            opt.step()
+        assert sorted(mode.calls) == [
+            ("optimizer_update_32bit_grouped", 2),
+            ("optimizer_update_8bit_blockwise_grouped", 1),  # the bf16 parameter
+            ("optimizer_update_8bit_blockwise_grouped", 1),  # the second param group
+            ("optimizer_update_8bit_blockwise_grouped", 3),
+        ]
+
+
+def _each_alone(make, params, grads_at):
+    """Each parameter stepped by an optimizer of its own, on the steps it has a gradient."""
+    for p in params:
+        opt = make([p])
+        for grads in grads_at:
+            if grads.get(id(p)) is not None:
+                p.grad = grads[id(p)].clone()
+                opt.step()
+
+
+GROUPED = [
+    lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3, min_8bit_size=1000),
+    lambda ps: bnb.optim.AdEMAMix8bit(ps, lr=1e-3, t_alpha=10, t_beta3=10, min_8bit_size=1000),
+    lambda ps: bnb.optim.Lion32bit(ps, lr=1e-4),
+    lambda ps: bnb.optim.SGD8bit(ps, lr=1e-2, momentum=0.9, min_8bit_size=1000),
+]
+
+
+@pytest.mark.parametrize("make", GROUPED, ids=["AdamW8bit", "AdEMAMix8bit", "Lion32bit", "SGD8bit"])
+def test_grouped_step_equals_stepping_each_parameter_alone(device, make):
+    shapes = [(64, 80), (33, 47), (40, 30), (1111,), (20, 10)]  # the last under min_8bit_size
+    together = [_param(device, shape=shape, seed=seed) for seed, shape in enumerate(shapes)]
+    alone = [_param(device, shape=shape, seed=seed) for seed, shape in enumerate(shapes)]
+    # a parameter without gradients at first, one that misses a step: their step counts differ from the others'
+    grads_at = []
+    for step in range(6):
+        grads = {}
+        for index, p in enumerate(together):
+            if (index == 2 and step < 2) or (index == 3 and step == 4):
+                continue
+            grads[index] = _grads(device, 1, shape=p.shape, seed=10 * step + index)[0]
+        grads_at.append(grads)
+    opt = make(together)
+    for grads in grads_at:
+        for index, p in enumerate(together):
+            p.grad = grads.get(index)
+        opt.step()
+    _each_alone(make, alone, [{id(alone[i]): g for i, g in grads.items()} for grads in grads_at])
+    for a, b in zip(together, alone, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_override_after_a_step_regroups(device):
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    a, b = _param(device), _param(device, seed=3)
+    opt = bnb.optim.AdamW8bit([a, b], lr=1e-3)
+    try:
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        opt.step()
+        manager.override_config(b, "lr", 0.0)
+        before = a.detach().clone(), b.detach().clone()
+        opt.step()
+        assert not torch.equal(a, before[0]) and torch.equal(b, before[1])
+    finally:
+        manager.initialize()
+
+
+def test_loaded_custom_maps_get_a_unit_of_their_own(device):
+    ps = [_param(device, seed=seed) for seed in range(3)]
+    opt = bnb.optim.Adam8bit(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][1]["qmap1"] = saved["state"][1]["qmap1"] * 0.5  # still sorted: another valid map
+    resumed, singles = (
+        [_param(device, seed=seed) for seed in range(3)],
+        [_param(device, seed=seed) for seed in range(3)],
+    )
+    opt = bnb.optim.Adam8bit(resumed)
+    opt.load_state_dict(saved)
+    for index, p in enumerate(singles):  # each alone, from its saved state
+        alone = bnb.optim.Adam8bit([p])
+        group = {**saved["param_groups"][0], "params": [0]}
+        alone.load_state_dict({"state": {0: saved["state"][index]}, "param_groups": [group]})
+        p.grad = torch.full_like(p, 0.5)
+        alone.step()
+    for p in resumed:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    for a, b in zip(resumed, singles, strict=True):
+        assert torch.equal(a, b)

@@ -4,6 +4,9 @@ Both ops share ``_step``: the float32 update of bitsandbytes' optimizer kernels.
 states; the 8-bit op decodes its uint8 states (blocks of 256, float32 absmax per block), steps, and requantizes
 them with a fresh absmax. ``lr`` and ``step`` are 0-d tensors (possibly on the CPU while ``p`` is on CUDA) and are
 only used in tensor math, so a step never reads a device value on the host.
+
+The ``*_grouped`` ops take lists (one entry per parameter, a step count each, one lr and one pair of maps) and
+apply the single-tensor update to each entry; on CUDA one launch covers many tensors.
 """
 
 from collections.abc import Callable
@@ -32,9 +35,9 @@ class Hyper:
     alpha: float
     eps: float
     weight_decay: float
-    gnorm_scale: float
-    max_unorm: float
-    skip_zeros: bool
+    gnorm_scale: float = 1.0
+    max_unorm: float = 0.0
+    skip_zeros: bool = False
 
 
 # A rule maps (g, state1, state2, step as float32, hyper) to (update direction u before lr, new state1, new state2).
@@ -168,9 +171,11 @@ def _check(name: str, p: Tensor, g: Tensor, state1: Tensor, state2: Tensor | Non
     return opt
 
 
-def _check_8bit(opt: Optimizer, p: Tensor, state2: Tensor | None, absmax1: Tensor, absmax2: Tensor | None,
-                qmap1: Tensor, qmap2: Tensor | None) -> None:  # fmt: skip
-    """The 8-bit op's extra checks: one float32 absmax per block of 256 and a 256-entry map per state."""
+def _check_8bit(name: str, p: Tensor, g: Tensor, state1: Tensor, state2: Tensor | None, absmax1: Tensor,
+                absmax2: Tensor | None, qmap1: Tensor, qmap2: Tensor | None, lr: Tensor,
+                step: Tensor) -> Optimizer:  # fmt: skip
+    """The 8-bit op's checks: ``_check``, one float32 absmax per block of 256 and a 256-entry map per state."""
+    opt = _check(name, p, g, state1, state2, lr, step, torch.uint8)
     blocks = blockwise.num_blocks(p.numel(), BLOCKSIZE)
     check_dtype(absmax1, "absmax1", (torch.float32,))
     check_numel(absmax1, "absmax1", opt.state1_rows * blocks, f"{opt.state1_rows} x {blocks} blocks of {BLOCKSIZE}")
@@ -183,6 +188,37 @@ def _check_8bit(opt: Optimizer, p: Tensor, state2: Tensor | None, absmax1: Tenso
         check_numel(absmax2, "absmax2", blocks, f"one per block of {BLOCKSIZE}")
         check_code(qmap2, "qmap2")
     check_same_device(p=p, absmax1=absmax1, absmax2=absmax2, qmap1=qmap1, qmap2=qmap2)
+    return opt
+
+
+def _check_lists(name: str, p: list[Tensor], **lists: list[Tensor]) -> Optimizer:
+    """The grouped ops' list checks: one entry per parameter (none of an absent second state); p of one dtype and
+    one device."""
+    opt = _optimizer(name)
+    for arg, tensors in lists.items():
+        if arg in ("state2", "absmax2") and not opt.has_state2:
+            if tensors:
+                raise ValueError(f"optimizer {name!r} has one state: {arg} must be empty, got {len(tensors)} tensors")
+        elif len(tensors) != len(p):
+            raise ValueError(f"{arg} must hold one tensor per parameter ({len(p)}), got {len(tensors)}")
+    for index, t in enumerate(p[1:], start=1):
+        if t.dtype != p[0].dtype:
+            raise TypeError(f"p[{index}] must have the dtype of p[0] ({p[0].dtype}), got {t.dtype}")
+        if t.device != p[0].device:
+            raise ValueError(f"all tensors must be on one device, got p[0] on {p[0].device}, p[{index}] on {t.device}")
+    return opt
+
+
+def _entries(check: Callable[..., object], p: list[Tensor], *lists: list[Tensor]) -> list[tuple]:
+    """The grouped ops' per-parameter argument tuples (``None`` for an empty list), each passed through ``check``;
+    an error names the entry."""
+    entries = list(zip(p, *(t if t else [None] * len(p) for t in lists), strict=True))
+    for index, entry in enumerate(entries):
+        try:
+            check(*entry)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"entry {index} of the lists: {error}") from None
+    return entries
 
 
 def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor, rows: int) -> Tensor:
@@ -204,17 +240,8 @@ def _requantize(values: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor, row
     absmax.copy_(new_absmax.view(absmax.shape))
 
 
-@register_fake("optimizer_update_32bit")
-def _(optimizer_name, p, g, state1, state2, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay,
-      gnorm_scale=1.0, max_unorm=0.0, skip_zeros=False):  # fmt: skip
-    _check(optimizer_name, p, g, state1, state2, lr, step, torch.float32)
-
-
-@register_reference("optimizer_update_32bit")
-def _(optimizer_name, p, g, state1, state2, lr, step, beta1, beta2, beta3, alpha, eps, weight_decay,
-      gnorm_scale=1.0, max_unorm=0.0, skip_zeros=False):  # fmt: skip
-    opt = _check(optimizer_name, p, g, state1, state2, lr, step, torch.float32)
-    h = Hyper(beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros)
+def _update_32bit(opt: Optimizer, p: Tensor, g: Tensor, state1: Tensor, state2: Tensor | None, lr: Tensor,
+                  step: Tensor, h: Hyper) -> None:  # fmt: skip
     new_p, new1, new2 = _step(opt, p, g, state1, state2, lr, step, h)
     p.copy_(new_p)
     state1.copy_(new1)
@@ -222,24 +249,79 @@ def _(optimizer_name, p, g, state1, state2, lr, step, beta1, beta2, beta3, alpha
         state2.copy_(new2)
 
 
-@register_fake("optimizer_update_8bit_blockwise")
-def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, beta1, beta2, beta3, alpha,
-      eps, weight_decay, gnorm_scale=1.0, max_unorm=0.0, skip_zeros=False):  # fmt: skip
-    opt = _check(optimizer_name, p, g, state1, state2, lr, step, torch.uint8)
-    _check_8bit(opt, p, state2, absmax1, absmax2, qmap1, qmap2)
-
-
-@register_reference("optimizer_update_8bit_blockwise")
-def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, beta1, beta2, beta3, alpha,
-      eps, weight_decay, gnorm_scale=1.0, max_unorm=0.0, skip_zeros=False):  # fmt: skip
-    opt = _check(optimizer_name, p, g, state1, state2, lr, step, torch.uint8)
-    _check_8bit(opt, p, state2, absmax1, absmax2, qmap1, qmap2)
+def _update_8bit(opt: Optimizer, p: Tensor, g: Tensor, state1: Tensor, state2: Tensor | None, absmax1: Tensor,
+                 absmax2: Tensor | None, qmap1: Tensor, qmap2: Tensor | None, lr: Tensor, step: Tensor,
+                 h: Hyper) -> None:  # fmt: skip
     rows = opt.state1_rows
     s1 = _dequantize(state1, absmax1, qmap1, rows)
     s2 = None if state2 is None else _dequantize(state2, absmax2, qmap2, 1)
-    h = Hyper(beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, max_unorm, skip_zeros)
     new_p, new1, new2 = _step(opt, p, g, s1, s2, lr, step, h)
     p.copy_(new_p)
     _requantize(new1, state1, absmax1, qmap1, rows, keep_sign=True)
     if state2 is not None:
         _requantize(new2, state2, absmax2, qmap2, 1, keep_sign=False)
+
+
+def _entries_32bit(name, p, g, state1, state2, lr, step) -> tuple[Optimizer, list[tuple]]:
+    opt = _check_lists(name, p, g=g, state1=state1, state2=state2, step=step)
+
+    def check(p, g, state1, state2, step):
+        _check(name, p, g, state1, state2, lr, step, torch.float32)
+
+    return opt, _entries(check, p, g, state1, state2, step)
+
+
+def _entries_8bit(name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step) -> tuple[Optimizer, list]:
+    opt = _check_lists(name, p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2, step=step)
+
+    def check(p, g, state1, state2, absmax1, absmax2, step):
+        _check_8bit(name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+
+    return opt, _entries(check, p, g, state1, state2, absmax1, absmax2, step)
+
+
+# ``hyper``: (beta1, ..., skip_zeros) as given, Hyper's fields in schema order (its defaults are the schema's).
+@register_fake("optimizer_update_32bit")
+def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
+    _check(optimizer_name, p, g, state1, state2, lr, step, torch.float32)
+
+
+@register_reference("optimizer_update_32bit")
+def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
+    opt = _check(optimizer_name, p, g, state1, state2, lr, step, torch.float32)
+    _update_32bit(opt, p, g, state1, state2, lr, step, Hyper(*hyper))
+
+
+@register_fake("optimizer_update_8bit_blockwise")
+def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, *hyper):
+    _check_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+
+
+@register_reference("optimizer_update_8bit_blockwise")
+def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, *hyper):
+    opt = _check_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+    _update_8bit(opt, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, Hyper(*hyper))
+
+
+@register_fake("optimizer_update_32bit_grouped")
+def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
+    _entries_32bit(optimizer_name, p, g, state1, state2, lr, step)
+
+
+@register_reference("optimizer_update_32bit_grouped")
+def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
+    opt, entries = _entries_32bit(optimizer_name, p, g, state1, state2, lr, step)
+    for p_i, g_i, state1_i, state2_i, step_i in entries:
+        _update_32bit(opt, p_i, g_i, state1_i, state2_i, lr, step_i, Hyper(*hyper))
+
+
+@register_fake("optimizer_update_8bit_blockwise_grouped")
+def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, *hyper):
+    _entries_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+
+
+@register_reference("optimizer_update_8bit_blockwise_grouped")
+def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, *hyper):
+    opt, entries = _entries_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+    for p_i, g_i, state1_i, state2_i, absmax1_i, absmax2_i, step_i in entries:
+        _update_8bit(opt, p_i, g_i, state1_i, state2_i, absmax1_i, absmax2_i, qmap1, qmap2, lr, step_i, Hyper(*hyper))

@@ -14,10 +14,11 @@ LIBRARY = torch.library.Library("lowbit", "DEF")
 _NESTED = "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256"
 
 # Scalars that schedules change every step are 0-d tensors, so compiled steps do not specialize on them.
-_OPTIM_SCALARS = (
-    "Tensor lr, Tensor step, float beta1, float beta2, float beta3, float alpha, float eps, "
-    "float weight_decay, float gnorm_scale=1.0, float max_unorm=0.0, bool skip_zeros=False"
+_OPTIM_HYPER = (
+    "float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, float gnorm_scale=1.0, "
+    "float max_unorm=0.0, bool skip_zeros=False"
 )
+_OPTIM_SCALARS = f"Tensor lr, Tensor step, {_OPTIM_HYPER}"
 
 SCHEMAS = {
     # 8-bit blockwise: (codes uint8 of A's shape, absmax float32 per block)
@@ -55,6 +56,17 @@ SCHEMAS = {
         "(str optimizer_name, Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!)? state2, "
         "Tensor(d!) absmax1, Tensor(e!)? absmax2, Tensor qmap1, Tensor? qmap2, "
         f"{_OPTIM_SCALARS}) -> ()"
+    ),
+    # The same steps over lists of parameters (one launch for many on CUDA). One step count per parameter, as
+    # each keeps its own; state2 and absmax2 are empty lists for optimizers with one state.
+    "optimizer_update_32bit_grouped": (
+        "(str optimizer_name, Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor lr, "
+        f"Tensor[] step, {_OPTIM_HYPER}) -> ()"
+    ),
+    "optimizer_update_8bit_blockwise_grouped": (
+        "(str optimizer_name, Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+        "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor? qmap2, Tensor lr, Tensor[] step, "
+        f"{_OPTIM_HYPER}) -> ()"
     ),
     # Paged optimizer states: an uninitialized tensor on ``like``'s device, in CUDA managed memory there
     # (the driver pages it to the host under memory pressure); and moving one to its device (or the host)

@@ -20,6 +20,8 @@ class AdEMAMix(Optimizer8bit):
     def _config(self, group, p):
         """The scheduled ``alpha`` and ``beta3`` of the coming step (as in the AdEMAMix paper)."""
         config = super()._config(group, p)
+        if not (config["t_alpha"] or config["t_beta3"]):
+            return config
         step = int(self.state[p]["step"]) + 1 if self.state[p] else 1
         beta1, beta2, beta3 = config["betas"]
         if config["t_alpha"]:
@@ -29,6 +31,11 @@ class AdEMAMix(Optimizer8bit):
             log1, log3 = math.log(beta1), math.log(beta3)
             config["betas"] = (beta1, beta2, min(math.exp(log1 * log3 / ((1 - s) * log3 + s * log1)), beta3))
         return config
+
+    def _group_key(self, group, p):
+        """With a schedule the config depends on the step count: a unit takes parameters at one step only."""
+        key, config = super()._group_key(group, p), super()._config(group, p)
+        return (*key, int(self.state[p]["step"])) if config["t_alpha"] or config["t_beta3"] else key
 
 
 AdEMAMix8bit = variant(AdEMAMix, "AdEMAMix8bit", optim_bits=8)

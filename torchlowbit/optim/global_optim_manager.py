@@ -21,6 +21,11 @@ class GlobalOptimManager:
         self.optimizer = None
         self.uses_config_override = False
         self.module_weight_config_triple: list[tuple[nn.Module, str, dict[str, Any]]] = []
+        self._changed()
+
+    def _changed(self) -> None:
+        """Counts a change of the overrides: optimizers regroup their parameters at their next step."""
+        self.version = getattr(self, "version", 0) + 1
 
     @classmethod
     def get_instance(cls) -> "GlobalOptimManager":
@@ -56,7 +61,9 @@ class GlobalOptimManager:
         self.uses_config_override = True
         for p in [parameters] if isinstance(parameters, torch.Tensor) else parameters:
             self.pid2config.setdefault(id(p), {}).update(key_value_dict)
+        self._changed()
 
     def register_module_override(self, module: nn.Module, param_name: str, config: dict[str, Any]) -> None:
         """Override the config of ``module.<param_name>`` whatever tensor it holds when the optimizer starts."""
         self.module_weight_config_triple.append((module, param_name, config))
+        self._changed()

@@ -1,15 +1,18 @@
 """``Optimizer8bit``: the base of the optimizers with 32-bit or 8-bit blockwise states.
 
-Each step calls one ``lowbit`` update op per parameter (``optimizer_update_32bit`` or
-``optimizer_update_8bit_blockwise``). Parameters with fewer than ``min_8bit_size`` elements (counted
-globally for a sharded DTensor) keep 32-bit states. ``lr`` and the step count reach the ops as 0-d
-tensors, so a ``torch.compile``d step does not recompile when they change (give ``lr`` as a tensor,
-as with ``torch.optim``, for schedulers under compile). State keys are the original library's:
-``step``, ``state1``, ``state2``, ``qmap1``, ``qmap2``, ``absmax1``, ``absmax2``.
+Each step calls one grouped ``lowbit`` update op (``optimizer_update_32bit_grouped`` or
+``optimizer_update_8bit_blockwise_grouped``) per unit: the parameters of a param group that share the kind of
+state, dtype, device, DTensor-ness, maps and config overrides. The units are cached while the set of parameters
+with gradients and the GlobalOptimManager overrides stay the same. Parameters with fewer than ``min_8bit_size``
+elements (counted globally for a sharded DTensor) keep 32-bit states. ``lr`` and the step counts reach the ops as
+0-d tensors, so a ``torch.compile``d step does not recompile when they change (give ``lr`` as a tensor, as with
+``torch.optim``, for schedulers under compile). State keys are the original library's: ``step``, ``state1``,
+``state2``, ``qmap1``, ``qmap2``, ``absmax1``, ``absmax2``.
 """
 
 import math
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -96,6 +99,46 @@ def _blocks(absmax: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
     return view if rows > 1 else view.reshape(-1)
 
 
+class _Unit(NamedTuple):
+    """Parameters one grouped op updates, with their local states (lists empty where a state is absent)."""
+
+    params: list[torch.Tensor]
+    dtensor: bool  # the parameters are DTensors: the op takes their local shards
+    steps: list[torch.Tensor]
+    state1: list[torch.Tensor]
+    state2: list[torch.Tensor]
+    absmax1: list[torch.Tensor]
+    absmax2: list[torch.Tensor]
+    qmap1: torch.Tensor | None
+    qmap2: torch.Tensor | None
+
+
+class _Plan(NamedTuple):
+    """A param group's units, valid while its parameters with gradients and the manager's overrides stay."""
+
+    params: list[torch.Tensor]
+    overrides_version: int
+    units: list[_Unit]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number, string, None or a tuple of them (a value that compares by content)."""
+    return isinstance(value, (bool, int, float, str, type(None))) or (
+        isinstance(value, tuple) and all(_plain(v) for v in value)
+    )
+
+
+def _override_key(override: dict[str, Any], p: torch.Tensor) -> Hashable:
+    """A key equal for equal overrides of plain values; ``p``'s own key otherwise (it keeps its own unit). No
+    ``hash()``: torch.compile cannot trace it on torch 2.11."""
+    key = tuple(sorted(override.items()))
+    return key if all(_plain(value) for _, value in key) else ("own", id(p))
+
+
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool = False) -> None:
     if not (low <= value < high or (closed_high and value == high)):
         bracket = "]" if closed_high else ")"
@@ -122,16 +165,37 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.is_paged = is_paged
         self.mng = GlobalOptimManager.get_instance()
+        self._plans: dict[int, _Plan] = {}  # by param group index
+        self._custom_maps: set[int] = set()  # ids of parameters whose loaded qmaps are not the dynamic maps
+
+    def _overrides(self, p: torch.Tensor) -> dict[str, Any]:
+        """The GlobalOptimManager overrides of ``p``'s config."""
+        override = {}
+        for module, name, config in self.mng.module_weight_config_triple:
+            if getattr(module, name, None) is p:
+                override.update(config)
+        override.update(self.mng.pid2config.get(id(p), {}))
+        return override
 
     def _config(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """The group's hyperparameters with this optimizer's bits and any GlobalOptimManager override."""
         config = {k: v for k, v in group.items() if k != "params"}
         config["optim_bits"] = self.optim_bits
-        for module, name, override in self.mng.module_weight_config_triple:
-            if getattr(module, name, None) is p:
-                config.update(override)
-        config.update(self.mng.pid2config.get(id(p), {}))
+        config.update(self._overrides(p))
         return config
+
+    def _group_key(self, group: dict[str, Any], p: torch.Tensor) -> tuple:
+        """What parameters updated by one grouped op (with one config, ``_config`` of the first) share."""
+        local = _dtensor.local(p)
+        custom = id(p) if id(p) in self._custom_maps else None
+        return (
+            local.dtype,
+            local.device,
+            local is not p,
+            "absmax1" in self.state[p],
+            custom,
+            _override_key(self._overrides(p), p),
+        )
 
     def _init_state(self, p: torch.Tensor, config: dict[str, Any]) -> None:
         state = self.state[p]
@@ -158,43 +222,72 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                config = self._config(group, p)
-                if not self.state[p]:
-                    self._init_state(p, config)
-                self._update(p, config)
+        for index, group in enumerate(self.param_groups):
+            for unit in self._units(index, group):
+                self._update(unit, group)
         return loss
 
-    def _update(self, p: torch.Tensor, config: dict[str, Any]) -> None:
-        state = self.state[p]
-        state["step"] += 1
+    def _units(self, index: int, group: dict[str, Any]) -> list[_Unit]:
+        """The units of param group ``index`` this step: the cached plan's while it holds."""
+        params = [p for p in group["params"] if p.grad is not None]
+        plan = self._plans.get(index)
+        if plan is None or plan.overrides_version != self.mng.version or not _same(plan.params, params):
+            plan = _Plan(params, self.mng.version, self._plan(group, params))
+            self._plans[index] = plan
+        return plan.units
+
+    def _plan(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[_Unit]:
+        """Initializes the states ``params`` lack and sorts ``params`` into units."""
+        members: dict[Hashable, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if not self.state[p]:
+                self._init_state(p, self._config(group, p))
+            members.setdefault(self._group_key(group, p), []).append(p)
+        return [self._unit(unit_params) for unit_params in members.values()]
+
+    def _unit(self, params: list[torch.Tensor]) -> _Unit:
+        states = [self.state[p] for p in params]
+        blocks = [-(-_dtensor.local(p).numel() // BLOCKSIZE) for p in params]
+
+        def local(name: str, rows: int = 0) -> list[torch.Tensor]:
+            """Each state's ``name`` (none where absent); with ``rows``, an absmax's blocks (see ``_blocks``)."""
+            if name not in states[0]:
+                return []
+            tensors = [_dtensor.local(state[name]) for state in states]
+            return [_blocks(t, rows, n) for t, n in zip(tensors, blocks, strict=True)] if rows else tensors
+
+        first = states[0]
+        return _Unit(
+            params, _dtensor.local(params[0]) is not params[0], [state["step"] for state in states],
+            local("state1"), local("state2"), local("absmax1", OPTIMIZERS[self.optimizer_name].state1_rows),
+            local("absmax2", 1), first.get("qmap1"), first.get("qmap2"),
+        )  # fmt: skip
+
+    def _update(self, unit: _Unit, group: dict[str, Any]) -> None:
+        config = self._config(group, unit.params[0])
+        torch._foreach_add_(unit.steps, 1)
         lr = config["lr"]
         lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32)
         beta1, beta2, beta3 = (*config["betas"], 0.0, 0.0)[:3]
         scalars = (
-            lr, state["step"], beta1, beta2, beta3, config.get("alpha", 0.0), config["eps"], config["weight_decay"],
+            lr, unit.steps, beta1, beta2, beta3, config.get("alpha", 0.0), config["eps"], config["weight_decay"],
             1.0, config.get("max_unorm", 0.0), config.get("skip_zeros", False),
         )  # fmt: skip
-        tensors = tuple(_dtensor.local(t) for t in (p, p.grad, state["state1"], state.get("state2")))
+        params = [p.to_local() for p in unit.params] if unit.dtensor else unit.params
+        grads = [_dtensor.local(p.grad) for p in unit.params] if unit.dtensor else [p.grad for p in unit.params]
         if self.is_paged:  # managed memory the driver may have paged out: bring it back ahead of the update
-            for t in tensors[2:]:
-                if t is not None:
-                    torch.ops.lowbit.prefetch_(t)
-        if "absmax1" in state:
-            blocks = -(-tensors[0].numel() // BLOCKSIZE)
-            absmax1 = _blocks(_dtensor.local(state["absmax1"]), OPTIMIZERS[self.optimizer_name].state1_rows, blocks)
-            absmax2 = state.get("absmax2")
-            absmax = absmax1, None if absmax2 is None else _blocks(_dtensor.local(absmax2), 1, blocks)
-            torch.ops.lowbit.optimizer_update_8bit_blockwise(
-                self.optimizer_name, *tensors, *absmax, state["qmap1"], state.get("qmap2"), *scalars
-            )
+            for t in (*unit.state1, *unit.state2):
+                torch.ops.lowbit.prefetch_(t)
+        name = self.optimizer_name
+        if unit.absmax1:
+            torch.ops.lowbit.optimizer_update_8bit_blockwise_grouped(
+                name, params, grads, unit.state1, unit.state2, unit.absmax1, unit.absmax2, unit.qmap1, unit.qmap2,
+                *scalars,
+            )  # fmt: skip
         else:
-            torch.ops.lowbit.optimizer_update_32bit(self.optimizer_name, *tensors, *scalars)
+            torch.ops.lowbit.optimizer_update_32bit_grouped(name, params, grads, unit.state1, unit.state2, *scalars)
 
     def state_dict(self) -> dict[str, Any]:
         """The torch.optim state dict with ``step`` as a plain int, as the original library stores it."""
@@ -210,6 +303,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Load a state dict of this library or of bitsandbytes (flat or nested quantization state)."""
         states = {k: _flat_state(v) for k, v in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": states})
+        self._plans.clear()
         # torch.optim casts float states to the parameter's dtype; the states keep their own dtypes here.
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             for saved_id, p in zip(saved_group["params"], group["params"], strict=True):
@@ -219,8 +313,17 @@ class Optimizer8bit(torch.optim.Optimizer):
                         paged = self.is_paged and name in ("state1", "state2")  # copied once, into managed memory
                         value = saved[name].to(p.device, copy=not paged)
                         state[name] = _paged_copy(value) if paged else value
+                self._custom_maps.discard(id(p))
+                if not _has_dynamic_maps(state):  # (a grouped op takes one pair of maps for all its parameters)
+                    self._custom_maps.add(id(p))
                 if "step" in state:
                     state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
+
+
+def _has_dynamic_maps(state: dict[str, Any]) -> bool:
+    """Whether the state's maps, if it has any, are the ones every new 8-bit state gets."""
+    maps = (("qmap1", _SIGNED_MAP), ("qmap2", _UNSIGNED_MAP))
+    return all(torch.equal(_dtensor.local(state[name]).cpu(), value) for name, value in maps if name in state)
 
 
 def _flat_state(state: dict[str, Any]) -> dict[str, Any]:
