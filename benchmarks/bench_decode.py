@@ -14,7 +14,7 @@ device's, as in a decode loop).
 import argparse
 
 import torch
-from timing import emit, time_ms
+from timing import back_to_back_ms, emit, time_ms
 from torch import nn
 
 import torchlowbit as bnb
@@ -55,7 +55,7 @@ def _profile(name: str, fn, x: torch.Tensor) -> None:
 def _times(fn, x: torch.Tensor, reps: int) -> tuple[float, float]:
     """(ms of a single call waited for, ms per call of 20 calls issued back to back)."""
     single = time_ms(fn, ((x,),), reps=reps)
-    back_to_back = time_ms(lambda: [fn(x) for _ in range(20)], reps=max(5, reps // 5)) / 20
+    back_to_back = back_to_back_ms(lambda: fn(x), reps)
     return single, back_to_back
 
 

@@ -1,16 +1,18 @@
 """One optimizer step over 268M float32 parameters (16 tensors of 4096x4096) on CUDA.
 
-Side by side: torch.optim.AdamW(fused=True); torchlowbit's update ops called per tensor (32-bit Adam, 8-bit
+Side by side: torch.optim.AdamW(fused=True); torchlowbit.optim.AdamW8bit's and Lion8bit's whole steps (one grouped
+update op each), single steps waited for and steps issued back to back (as a training loop issues them: the
+host work of a step overlaps the device's); torchlowbit's update ops called per tensor (32-bit Adam, 8-bit
 blockwise Adam and Lion, each also with TORCHLOWBIT_OPTIM_STAGE=1; the 8-bit Adam also with the fallback
-nearest-code search, and replayed from a CUDA graph, which leaves out the Python and dispatcher time of the
-16 calls); torchlowbit.optim.AdamW8bit's whole
-step; bitsandbytes' AdamW (32-bit), AdamW8bit and Lion8bit when importable.
+nearest-code search, and replayed from a CUDA graph); bitsandbytes' AdamW (32-bit), AdamW8bit and Lion8bit when
+importable.
 
-Times are medians of CUDA-event timings of whole steps after warm-up (the 4.3 GB of parameters and gradients
-are far larger than L2). Bytes per parameter count what a step must move: 32-bit Adam reads p, g, m, v and
-writes p, m, v (28 B); 8-bit Adam reads p, g and two 1-byte states and writes p and the states (16 B, plus
-two float32 absmax per 256); 8-bit Lion has one state (14 B). Bandwidth is against a device-to-device copy
-measured in the same run; "x floor" is the time over the 16-bytes-per-parameter floor at that bandwidth.
+Times are medians of CUDA-event timings after warm-up (the 4.3 GB of parameters and gradients are far larger
+than L2). Bytes per parameter count what a step must move: 32-bit Adam reads p, g, m, v and writes p, m, v
+(28 B); 8-bit Adam reads p, g and two 1-byte states and writes p and the states (16 B, plus two float32 absmax
+per 256); 8-bit Lion has one state (14 B). Bandwidth is against a device-to-device copy measured in the same
+run; "x floor" is the time over the 16-bytes-per-parameter floor at that bandwidth, "x own floor" over the
+row's own bytes; "state B/param" is the optimizer's state memory (maps counted once).
 
     python benchmarks/bench_optim.py [--reps 20] [--tensors 16] [--check] [--json out.json]
 
@@ -23,7 +25,7 @@ import json
 import os
 
 import torch
-from timing import copy_bandwidth, time_ms
+from timing import back_to_back_ms, copy_bandwidth, time_ms
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit.codebooks import create_dynamic_map
@@ -111,8 +113,19 @@ def lowbit_steps(params, grads, reps, graph_too):
     return rows
 
 
+def state_bytes_per_param(optimizer, numel: int) -> float:
+    """Bytes of optimizer state per parameter (storages shared between parameters, such as the maps, once)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values()) / numel
+
+
 def optimizer_steps(params, grads, reps):
-    """(label, bytes per parameter, ms) of whole optimizer.step() calls."""
+    """(label, bytes per parameter, ms, state bytes per parameter) of whole optimizer.step() calls: single steps
+    waited for, and steps issued back to back (as a training loop issues them)."""
     rows = []
     leaves = [torch.nn.Parameter(p) for p in params]  # share storage with params
     for leaf, g in zip(leaves, grads, strict=True):
@@ -132,6 +145,13 @@ def optimizer_steps(params, grads, reps):
             lambda: torchlowbit.optim.AdamW8bit(leaves, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY),
         )
     )
+    candidates.append(
+        (
+            "lowbit optim.Lion8bit step",
+            14 + 2 * per_block,
+            lambda: torchlowbit.optim.Lion8bit(leaves, lr=LR / 10, weight_decay=WEIGHT_DECAY),
+        )
+    )
     if bnb is not None:
         candidates += [
             ("bnb AdamW (32-bit)", 28, lambda: bnb.optim.AdamW(
@@ -144,7 +164,10 @@ def optimizer_steps(params, grads, reps):
     for label, nbytes, make in candidates:
         try:
             optimizer = make()
-            rows.append((label, nbytes, time_ms(optimizer.step, reps=reps)))
+            single = time_ms(optimizer.step, reps=reps)
+            state = state_bytes_per_param(optimizer, sum(p.numel() for p in params))
+            rows.append((label, nbytes, single, state))
+            rows.append((f"{label}, back to back", nbytes, back_to_back_ms(optimizer.step, reps), state))
         except Exception as error:  # noqa: BLE001  (a benchmark row, not a test)
             print(f"{label}: skipped ({type(error).__name__}: {error})")
         optimizer = None
@@ -236,14 +259,19 @@ def main():
         f"floor of {FLOOR_BYTES} B/param: {floor_ms:.3f} ms"
     )
     print()
-    print("| step | ms | B/param | TB/s | of copy | x floor (16 B/param) |")
-    print("|---|---|---|---|---|---|")
+    print("| step | ms | B/param moved | TB/s | of copy | x floor (16 B/param) | x own floor | state B/param |")
+    print("|---|---|---|---|---|---|---|---|")
     out = []
-    for label, nbytes, ms in rows:
+    for label, nbytes, ms, *state in rows:
         tbps = nbytes * numel / ms / 1e9
-        share = 100 * tbps / copy_tbps
-        print(f"| {label} | {ms:.3f} | {nbytes:.2f} | {tbps:.2f} | {share:.0f}% | {ms / floor_ms:.2f} |")
-        out.append(dict(step=label, ms=ms, bytes_per_param=nbytes, tbps=tbps, x_floor=ms / floor_ms))
+        own = ms / (nbytes * numel / (copy_tbps * 1e9))  # the time over this step's own bytes at copy speed
+        state_text = f"{state[0]:.3f}" if state else "-"
+        print(
+            f"| {label} | {ms:.3f} | {nbytes:.2f} | {tbps:.2f} | {100 * tbps / copy_tbps:.0f}% | {ms / floor_ms:.2f} "
+            f"| {own:.2f} | {state_text} |"
+        )
+        out.append(dict(step=label, ms=ms, bytes_per_param=nbytes, tbps=tbps, x_floor=ms / floor_ms, x_own_floor=own,
+                        state_bytes_per_param=state[0] if state else None))  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(copy_tbps=copy_tbps, numel=numel, floor_ms=floor_ms, rows=out), f, indent=1)

@@ -24,6 +24,12 @@ def time_ms(fn, inputs=((),), reps: int = 20, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, reps: int, calls: int = 20) -> float:
+    """Milliseconds per call of ``calls`` calls of ``fn()`` issued back to back (host work overlaps the device's,
+    as in a loop that does not wait for each call)."""
+    return time_ms(lambda: [fn() for _ in range(calls)], reps=max(5, reps // 5)) / calls
+
+
 def copies_for(nbytes: int) -> int:
     """How many copies of an input of ``nbytes`` to rotate so that every call reads from device memory."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
