@@ -11,6 +11,7 @@
 #pragma once
 
 #include "lowbit_common.h"
+#include "nearest_code8.h"
 
 namespace lowbit {
 
@@ -119,12 +120,18 @@ __device__ __forceinline__ void encode8(const float (&s)[8], uint32_t table_base
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 8-bit codes: the code sorted (stable, NaN last, like torch.sort) into search tables once per call by
-// a one-CTA kernel, so any code is handled and the main kernel needs no host synchronization.
+// 8-bit codes. Nearest rounding: each CTA builds the bin table of nearest_code8.h from the code. Stochastic
+// rounding: the code sorted (stable, NaN last, like torch.sort) into search tables once per call by a one-CTA
+// kernel. Any code is handled, and nothing needs a host synchronization.
+
+struct Code8Shared {
+  float q[256];  // the code
+  int bad;       // build_table's scratch flag
+  CodeTable table;
+};
 
 struct Tables8 {
-  float mid_tree[256];    // Eytzinger (level order, 1-based) tree of the 255 midpoints
-  float value_tree[256];  // Eytzinger tree of the 255 smallest sorted values (stochastic rounding)
+  float value_tree[256];  // Eytzinger (level order, 1-based) tree of the 255 smallest sorted values
   float values[256];      // sorted values
   uint8_t order[256];     // code index of each sorted value
 };
@@ -177,8 +184,9 @@ template <int MODE>
 struct QuantShared {
   uint32_t table4;  // table4_base
   const Tables8* t8;
+  const CodeTable* code8;  // 8-bit nearest
+  CodeTableParams tp8;
   uint32_t* partial;
-  float r1, r2, r3, r4, r5, r6, r7;  // top three levels of the midpoint tree (8-bit nearest)
 };
 
 // One tile of 8 elements per thread. FULL: all elements of the CTA's tile are < n (CTA-uniform).
@@ -248,16 +256,12 @@ __device__ __forceinline__ void quantize_tile(const typename Elem<T>::Raw8& raw,
   } else {
     uint32_t c[8];
     if constexpr (MODE == kCode8) {
+      if (sh.tp8.fast) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float xv = s[j];
-        const bool p1 = !(sh.r1 >= xv);
-        const bool p2 = !((p1 ? sh.r3 : sh.r2) >= xv);
-        const bool p3 = !((p1 ? (p2 ? sh.r7 : sh.r6) : (p2 ? sh.r5 : sh.r4)) >= xv);
-        int node = 8 + (p1 ? 4 : 0) + (p2 ? 2 : 0) + (p3 ? 1 : 0);
+        for (int j = 0; j < 8; ++j) c[j] = nearest_info<true>(s[j], *sh.code8, sh.tp8) & 0xffu;
+      } else {
 #pragma unroll
-        for (int level = 3; level < 8; ++level) node = 2 * node + (!(sh.t8->mid_tree[node] >= xv) ? 1 : 0);
-        c[j] = sh.t8->order[node - 256];
+        for (int j = 0; j < 8; ++j) c[j] = nearest_info<false>(s[j], *sh.code8, sh.tp8) & 0xffu;
       }
     } else {
       // One Philox counter per group of 8 elements: the stream depends on the seed and the element
@@ -300,16 +304,19 @@ constexpr int quantize_min_ctas() {
 
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kQuantThreads, quantize_min_ctas<T, MODE>())
-    quantize_kernel(const T* __restrict__ x, QuantArgs a, int64_t ntiles, const Tables8* __restrict__ tables8) {
+    quantize_kernel(const T* __restrict__ x, QuantArgs a, int64_t ntiles, const float* __restrict__ code8,
+                    const Tables8* __restrict__ tables8) {
   constexpr bool k4bit = MODE == kNF4 || MODE == kFP4;
-  __shared__ __align__(16) unsigned char tables[k4bit ? sizeof(Entry4) * 130 : sizeof(Tables8)];
+  constexpr size_t kTableBytes =
+      k4bit ? sizeof(Entry4) * 130 : (MODE == kCode8 ? sizeof(Code8Shared) : sizeof(Tables8));
+  __shared__ __align__(16) unsigned char tables[kTableBytes];
   __shared__ uint32_t partial[kQuantThreads / 32];
   Entry4* table4 = reinterpret_cast<Entry4*>(tables);
   Tables8* t8 = reinterpret_cast<Tables8*>(tables);
 
   if constexpr (MODE == kNF4) build_table4<false>(table4);
   if constexpr (MODE == kFP4) build_table4<true>(table4);
-  if constexpr (!k4bit) {
+  if constexpr (MODE == kCode8Stochastic) {
     const uint4* src = reinterpret_cast<const uint4*>(tables8);
     uint4* dst = reinterpret_cast<uint4*>(t8);
     for (int k = threadIdx.x; k < int(sizeof(Tables8) / 16); k += blockDim.x) dst[k] = src[k];
@@ -320,10 +327,14 @@ __global__ void __launch_bounds__(kQuantThreads, quantize_min_ctas<T, MODE>())
   sh.table4 = table4_base<MODE == kFP4>(table4);
   sh.t8 = t8;
   sh.partial = partial;
-  sh.r1 = sh.r2 = sh.r3 = sh.r4 = sh.r5 = sh.r6 = sh.r7 = 0.0f;
+  sh.code8 = nullptr;
+  sh.tp8 = CodeTableParams{};
   if constexpr (MODE == kCode8) {
-    sh.r1 = t8->mid_tree[1], sh.r2 = t8->mid_tree[2], sh.r3 = t8->mid_tree[3];
-    sh.r4 = t8->mid_tree[4], sh.r5 = t8->mid_tree[5], sh.r6 = t8->mid_tree[6], sh.r7 = t8->mid_tree[7];
+    Code8Shared& c8 = *reinterpret_cast<Code8Shared*>(tables);
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) c8.q[k] = code8[k];
+    __syncthreads();
+    sh.tp8 = build_table(c8.q, c8.table, &c8.bad, false);  // every thread; ends with a barrier
+    sh.code8 = &c8.table;
   }
 
   using Raw8 = typename Elem<T>::Raw8;
@@ -353,7 +364,7 @@ __global__ void __launch_bounds__(kQuantThreads, quantize_min_ctas<T, MODE>())
 // absmax: ceil(n / B) floats.
 template <typename T, int MODE>
 void launch_quantize(const T* x, int64_t n, int log2_block, uint8_t* out, int64_t out_bytes, float* absmax,
-                     const Tables8* tables8, uint64_t seed) {
+                     const float* code8, const Tables8* tables8, uint64_t seed) {
   QuantArgs a;
   a.n = n;
   a.log2_block = log2_block;
@@ -364,7 +375,7 @@ void launch_quantize(const T* x, int64_t n, int log2_block, uint8_t* out, int64_
   a.seed = seed;
   const int64_t ntiles = ceil_div(n, kQuantTile);
   const int grid = persistent_grid<quantize_kernel<T, MODE>>(kQuantThreads, ntiles);
-  quantize_kernel<T, MODE><<<grid, kQuantThreads, 0, current_stream()>>>(x, a, ntiles, tables8);
+  quantize_kernel<T, MODE><<<grid, kQuantThreads, 0, current_stream()>>>(x, a, ntiles, code8, tables8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,6 +1,6 @@
 // CUDA kernels of lowbit::optimizer_update_32bit and lowbit::optimizer_update_8bit_blockwise and of their
 // *_grouped forms (lists of parameters): one fused pass per step (load g, p and the states; update in float32;
-// store), the rules of torchlowbit/ops/optimizer_update.py. Every launch takes a table of up to 56 (32-bit) or 44
+// store), the rules of torchlowbit/ops/optimizer_update.py. Every launch takes a table of up to 52 (32-bit) or 44
 // (8-bit) tensors in its kernel parameters, each with its own step count; a single-tensor op is a launch of one.
 // max_unorm needs a norm pass per tensor, so those launches hold one tensor each.
 //
@@ -15,12 +15,8 @@
 //
 // 8-bit states: a warp owns whole 256-element blocks (8 elements a lane). It decodes the codes through the
 // 256-entry map in shared memory, steps, takes the new absmax with a warp max over the float bits, and
-// requantizes to the nearest code as the reference does (float32 midpoints of the sorted map, ties to the
-// lower entry, NaN to the top; the sign fix on state1). The nearest-code search is one shared-memory table
-// lookup: the bits of |x| select a bin (2^M bins per octave over [2^-24, 2), one bin below and one above,
-// one table per sign) holding at most one distinct midpoint, so one comparison finishes it. The table is
-// built per CTA from the map (any map; an unsorted one is sorted first); a map that no table fits (e.g. the
-// fp8 map) takes a branch-free Eytzinger search over the 255 midpoints instead.
+// requantizes to the nearest code as the reference does (nearest_code8.h: one table lookup; the sign fix on
+// state1).
 //
 // max_unorm > 0 (LAMB, LARS): a first pass computes the update exactly as the step does and writes per-CTA
 // float64 partial sums of u*u and p*p; every CTA of the step kernel sums them in the same order.
@@ -32,6 +28,7 @@
 // search; TORCHLOWBIT_OPTIM_STAGE=1 stages the next block through shared memory with cp.async (slower so
 // far, see update8_kernel).
 #include "lowbit_common.h"
+#include "nearest_code8.h"
 
 #include <torch/library.h>
 
@@ -411,32 +408,9 @@ __global__ void __launch_bounds__(kThreads32) update32_kernel(const __grid_const
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 8-bit states: the nearest-code search structures, per CTA in shared memory.
+// 8-bit states.
 
 constexpr int kBlock8 = 256;
-constexpr int kTableCap = 3204;  // 2 * (25 * 64 + 2): M = 6 with both signs; M = 7 positive-only fits too
-
-// Table configurations, in order of preference (smaller tables first): (M, positive-only).
-constexpr int kNumConfigs = 7;
-__device__ __constant__ int kConfigM[kNumConfigs] = {4, 5, 6, 4, 5, 6, 7};
-__device__ __constant__ int kConfigPos[kNumConfigs] = {0, 0, 0, 1, 1, 1, 1};
-constexpr int kPositiveOnlyMask = 0x78;
-
-struct Table {
-  uint2 entry[kTableCap];  // (midpoint bits or +inf, info(lo) | info(hi) << 16)
-  float mids[256];         // the 255 sorted midpoints
-  float tree[256];         // the midpoints as an Eytzinger tree (1-based), the fallback search
-  uint16_t info[256];      // per sorted position: code index | signbit(code value) << 8
-};
-
-struct TableParams {
-  uint32_t shift;    // 23 - M
-  int bias;          // (103 << M) - 1: bin 1 starts at 2^-24
-  int nb;            // bins per sign: 25 octaves * 2^M + 2
-  uint32_t negmask;  // 0 for a positive-only table (every negative x is below every midpoint)
-  int fast;          // the table fits; else the tree
-};
-
 constexpr int kMaxTensors8 = 44;  // tensors of a launch (see Tensors8)
 
 struct Shared8 {
@@ -445,148 +419,14 @@ struct Shared8 {
   int bad[2];
   int pad;
   Derived derived[kMaxTensors8];  // per tensor of the launch
-  Table tab[3];  // one or two tables are allocated; the staging area starts where the next would
+  CodeTable tab[3];  // one or two tables are allocated; the staging area starts where the next would
 };
-
-// In-order position of Eytzinger node n (1..255) of a perfect tree of 255 nodes.
-__device__ __forceinline__ int eytzinger_position(int n) {
-  const int level = 31 - __clz(n);
-  return ((2 * (n - (1 << level)) + 1) << (7 - level)) - 1;
-}
-
-__device__ __forceinline__ int bin_of(uint32_t mag, uint32_t shift, int bias, int nb) {
-  int b = int(mag >> shift) - bias;
-  return min(max(b, 0), nb - 1);
-}
-
-// The table slot whose answer depends on whether midpoint m < x (-1: none; m is constant for its bins).
-__device__ int inside_id(float m, int M) {
-  const uint32_t shift = 23 - M;
-  const int bias = (103 << M) - 1, nb = (25 << M) + 2;
-  const uint32_t mag = __float_as_uint(m) & 0x7fffffffu;
-  const int b = bin_of(mag, shift, bias, nb);
-  if (!(m < 0.0f)) return b;                                      // x >= 0 side: bin [lo, hi) holds lo <= m < hi
-  if (b > 0 && mag == (uint32_t(b + bias) << shift)) return -1;   // x < 0 side: -hi < m < -lo strictly
-  return nb + b;
-}
-
-// #{ i < 255 : mids[i] < v } (LEQ: <=) over the sorted midpoints.
-template <bool LEQ>
-__device__ __forceinline__ int count_below(const float* mids, float v) {
-  int pos = 0;
-#pragma unroll
-  for (int step = 128; step >= 1; step >>= 1) {
-    const int probe = pos + step - 1;
-    if (probe < 255 && (LEQ ? mids[probe] <= v : mids[probe] < v)) pos += step;
-  }
-  return pos;
-}
-
-// Builds the search structures of one 256-entry map (already in shared memory). All threads call; ends
-// with a barrier. Returns the table parameters (the same in every thread).
-__device__ TableParams build_table(const float* q, Table& t, int* bad_flag, bool force_tree) {
-  const int i = threadIdx.x;
-  float* sorted = t.tree;  // scratch until the tree is written
-  const bool ok = i < 255 ? q[i] <= q[i + 1] : true;
-  const bool is_sorted = __syncthreads_and(ok);
-  if (i < 256) {
-    const float v = q[i];
-    int rank = i;
-    if (!is_sorted) {  // stable, NaN last (torch.sort's order)
-      const bool v_nan = v != v;
-      rank = 0;
-      for (int j = 0; j < 256; ++j) {
-        const float w = q[j];
-        const bool w_nan = w != w;
-        const bool w_before = (w < v) || (!w_nan && v_nan);
-        const bool v_before = (v < w) || (!v_nan && w_nan);
-        rank += (w_before || (!v_before && j < i)) ? 1 : 0;
-      }
-    }
-    sorted[rank] = v;
-    t.info[rank] = static_cast<uint16_t>(i | (signbit(v) ? 0x100 : 0));
-  }
-  if (i == 0) *bad_flag = 0;
-  __syncthreads();
-  if (i < 255) t.mids[i] = __fdiv_rn(__fadd_rn(sorted[i], sorted[i + 1]), 2.0f);
-  if (i == 255) t.mids[255] = __int_as_float(0x7f800000);
-  __syncthreads();
-  if (i >= 1 && i < 256) t.tree[i] = t.mids[eytzinger_position(i)];
-  if (i == 0) t.tree[0] = 0.0f;
-  if (i < 255) {
-    const float m = t.mids[i];
-    int bad = 0;
-    if (!(m >= -2.0f && m < 2.0f)) bad = (1 << kNumConfigs) - 1;  // NaN x must find every midpoint below
-    if (m < 0.0f) bad |= kPositiveOnlyMask;
-    if (i < 254) {
-      const float m2 = t.mids[i + 1];
-      if (m != m2) {
-        for (int c = 0; c < kNumConfigs; ++c) {
-          const int id = inside_id(m, kConfigM[c]);
-          if (id >= 0 && id == inside_id(m2, kConfigM[c])) bad |= 1 << c;
-        }
-      }
-    }
-    if (bad) atomicOr(bad_flag, bad);
-  }
-  __syncthreads();
-  const int bad = *bad_flag;
-  int c = 0;
-  while (c < kNumConfigs && ((bad >> c) & 1)) ++c;
-  TableParams tp;
-  tp.fast = c < kNumConfigs && !force_tree;
-  const int M = tp.fast ? kConfigM[c] : 4;
-  const bool pos_only = tp.fast && kConfigPos[c];
-  tp.shift = 23 - M;
-  tp.bias = (103 << M) - 1;
-  tp.nb = (25 << M) + 2;
-  tp.negmask = pos_only ? 0u : 0xffffffffu;
-  if (tp.fast) {
-    const int size = pos_only ? tp.nb + 1 : 2 * tp.nb;
-    for (int e = i; e < size; e += blockDim.x) {
-      const bool neg = e >= tp.nb;
-      const int b = neg ? e - tp.nb : e;
-      const float lo = b == 0 ? 0.0f : __uint_as_float(uint32_t(b + tp.bias) << tp.shift);
-      const float hi = b == tp.nb - 1 ? __int_as_float(0x7f800000) : __uint_as_float(uint32_t(b + 1 + tp.bias) << tp.shift);
-      int base, k;
-      if (!neg) {  // x in [lo, hi)
-        base = count_below<false>(t.mids, lo);
-        k = count_below<false>(t.mids, hi) - base;
-      } else if (pos_only) {
-        base = 0, k = 0;
-      } else {  // x in (-hi, -lo], x < 0
-        base = count_below<true>(t.mids, -hi);
-        k = count_below<false>(t.mids, -lo) - base;
-      }
-      const float mid = k > 0 ? t.mids[base] : __int_as_float(0x7f800000);
-      t.entry[e] = make_uint2(__float_as_uint(mid), uint32_t(t.info[base]) | (uint32_t(t.info[base + k]) << 16));
-    }
-  }
-  __syncthreads();
-  return tp;
-}
-
-// code index | signbit(code value) << 8 of the nearest code to x (x: a value scaled by 1/absmax).
-template <bool FAST>
-__device__ __forceinline__ uint32_t nearest_info(float x, const Table& t, const TableParams& tp) {
-  if constexpr (FAST) {
-    const int b = bin_of(__float_as_uint(x) & 0x7fffffffu, tp.shift, tp.bias, tp.nb);
-    const uint32_t idx = x < 0.0f ? uint32_t(tp.nb) + (uint32_t(b) & tp.negmask) : uint32_t(b);
-    const uint2 e = t.entry[idx];
-    return (__uint_as_float(e.x) < x ? e.y >> 16 : e.y) & 0x1ffu;
-  } else {
-    int node = 1;
-#pragma unroll
-    for (int level = 0; level < 8; ++level) node = 2 * node + (!(t.tree[node] >= x) ? 1 : 0);
-    return t.info[node - 256];
-  }
-}
 
 // Requantizes 8 new state values of this lane's block part (values past the end are 0): the block absmax
 // (warp max over |x| bits, NaN-propagating), the nearest codes, and the sign fix (KEEP_SIGN: a state never
 // changes sign, as the reference's keep_sign). Returns the packed codes; *absmax_out gets the new absmax.
 template <bool KEEP_SIGN>
-__device__ __forceinline__ uint2 requantize8(const float (&v)[8], const Table& t, const TableParams& tp,
+__device__ __forceinline__ uint2 requantize8(const float (&v)[8], const CodeTable& t, const CodeTableParams& tp,
                                              float* absmax_out) {
   uint32_t key = 0;
 #pragma unroll
@@ -799,7 +639,7 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_c
   }
   for (int i = tid; i < tab.count; i += nthreads) sh.derived[i] = derive<K>(h, load_step(tab.step[i]));
   __syncthreads();
-  TableParams tp1{}, tp2{};
+  CodeTableParams tp1{}, tp2{};
   tp1 = build_table(sh.q[0], sh.tab[0], &sh.bad[0], l.force_tree);
   if constexpr (kTwo) tp2 = build_table(sh.q[1], sh.tab[1], &sh.bad[1], l.force_tree);
   float uscale = 1.0f;
@@ -1178,7 +1018,7 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
   }
   // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
   // threads (1024, 768 or 512) as the tables plus two stages allow.
-  const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(Table);
+  const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
   const int device = c10::cuda::current_device();
   int threads = 512;
   size_t smem = tables;

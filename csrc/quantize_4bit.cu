@@ -138,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (fp4) {
-      launch_quantize<scalar_t, kFP4>(x.data_ptr<scalar_t>(), n, log2_block, out, out_bytes, am, nullptr, 0);
+      launch_quantize<scalar_t, kFP4>(x.data_ptr<scalar_t>(), n, log2_block, out, out_bytes, am, nullptr, nullptr, 0);
     } else {
-      launch_quantize<scalar_t, kNF4>(x.data_ptr<scalar_t>(), n, log2_block, out, out_bytes, am, nullptr, 0);
+      launch_quantize<scalar_t, kNF4>(x.data_ptr<scalar_t>(), n, log2_block, out, out_bytes, am, nullptr, nullptr, 0);
     }
   });
   return {packed, absmax};

@@ -1,23 +1,18 @@
 // CUDA kernels of lowbit::quantize_blockwise and lowbit::dequantize_blockwise (8-bit codes into a
 // 256-entry code), bit-identical to torchlowbit/ops/quantize_blockwise.py without a seed.
 //
-// Any code is handled: a one-CTA kernel sorts it on the device (stable, NaN last, as torch.sort orders
-// it) into search tables, so no host synchronization is needed. Where the code has duplicate values the
-// CPU reference's unstable sort may pick another index of an equal value: the dequantized values agree.
-// With a seed, rounding is stochastic through Philox (curand): each element takes one of the two
-// neighbouring code values, the upper one with probability of its proximity; not the CPU's stream.
+// Any code is handled, with no host synchronization: nearest rounding through the bin table of
+// nearest_code8.h, which every CTA builds from the code. Where the code has duplicate values the CPU
+// reference's unstable sort may pick another index of an equal value: the dequantized values agree.
+// With a seed, rounding is stochastic through Philox: each element takes one of the two neighbouring code
+// values, the upper one with probability of its proximity (not the CPU's stream); a one-CTA kernel first sorts
+// the code on the device (stable, NaN last, as torch.sort orders it) into search tables.
 #include "lowbit_quantize.h"
 
 #include <torch/library.h>
 
 namespace lowbit {
 namespace {
-
-// In-order position of Eytzinger node n (1..255) of a perfect tree of 255 nodes.
-__device__ __forceinline__ int eytzinger_position(int n) {
-  const int level = 31 - __clz(n);
-  return ((2 * (n - (1 << level)) + 1) << (7 - level)) - 1;
-}
 
 __global__ void __launch_bounds__(256) prepare_code8_kernel(const float* __restrict__ code,
                                                             Tables8* __restrict__ out) {
@@ -41,11 +36,8 @@ __global__ void __launch_bounds__(256) prepare_code8_kernel(const float* __restr
   out->order[rank] = static_cast<uint8_t>(i);
   __syncthreads();
   if (i >= 1) {
-    const int p = eytzinger_position(i);
-    out->mid_tree[i] = __fdiv_rn(__fadd_rn(sorted[p], sorted[p + 1]), 2.0f);
-    out->value_tree[i] = sorted[p];
+    out->value_tree[i] = sorted[eytzinger_position(i)];
   } else {
-    out->mid_tree[0] = 0.0f;
     out->value_tree[0] = 0.0f;
   }
 }
@@ -127,21 +119,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, 
   if (n == 0) return {out, absmax};
 
   const at::Tensor code_c = code.contiguous();
-  at::Tensor tables = at::empty({static_cast<int64_t>(sizeof(Tables8))}, A.options().dtype(at::kByte));
-  Tables8* t8 = reinterpret_cast<Tables8*>(tables.data_ptr());
-  const cudaStream_t stream = current_stream();
-  prepare_code8_kernel<<<1, 256, 0, stream>>>(code_c.data_ptr<float>(), t8);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
+  const float* code_ptr = code_c.data_ptr<float>();
   uint8_t* o = out.data_ptr<uint8_t>();
   float* am = absmax.data_ptr<float>();
+  at::Tensor tables;
+  if (seed.has_value()) {
+    tables = at::empty({static_cast<int64_t>(sizeof(Tables8))}, A.options().dtype(at::kByte));
+    prepare_code8_kernel<<<1, 256, 0, current_stream()>>>(code_ptr, reinterpret_cast<Tables8*>(tables.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (seed.has_value()) {
-      launch_quantize<scalar_t, kCode8Stochastic>(x.data_ptr<scalar_t>(), n, log2_block, o, n, am, t8,
+      launch_quantize<scalar_t, kCode8Stochastic>(x.data_ptr<scalar_t>(), n, log2_block, o, n, am, nullptr,
+                                                  reinterpret_cast<const Tables8*>(tables.data_ptr()),
                                                   static_cast<uint64_t>(*seed));
     } else {
-      launch_quantize<scalar_t, kCode8>(x.data_ptr<scalar_t>(), n, log2_block, o, n, am, t8, 0);
+      launch_quantize<scalar_t, kCode8>(x.data_ptr<scalar_t>(), n, log2_block, o, n, am, code_ptr, nullptr, 0);
     }
   });
   return {out, absmax};
