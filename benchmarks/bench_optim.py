@@ -77,6 +77,12 @@ def lowbit_steps(params, grads, reps, graph_too):
             ops.optimizer_update_32bit("adam", p, g, m, v, lr, step, *hyper)
 
     rows.append(("lowbit adam 32-bit (ops)", 28, time_ms(adam32, reps=reps)))
+    steps = [step.clone() for _ in params]
+
+    def adam32_grouped():
+        ops.optimizer_update_32bit_grouped("adam", params, grads, m32, v32, lr, steps, *hyper)
+
+    rows.append(("lowbit adam 32-bit (one grouped op)", 28, time_ms(adam32_grouped, reps=reps)))
     m32.clear(), v32.clear()
     torch.cuda.empty_cache()
 
@@ -88,6 +94,15 @@ def lowbit_steps(params, grads, reps, graph_too):
                 ops.optimizer_update_8bit_blockwise(name, p, g, *st.args(), lr, step, *hyper)
 
         rows.append((f"lowbit {name} 8-bit (ops)", nbytes, time_ms(step8, reps=reps)))
+        steps = [step.clone() for _ in params]
+
+        def grouped8(name=name, states=states, steps=steps):
+            # state1, state2, absmax1, absmax2 as lists (empty where the optimizer has one state)
+            lists = ([st.args()[i] for st in states if st.args()[i] is not None] for i in range(4))
+            maps = states[0].args()[4:]
+            ops.optimizer_update_8bit_blockwise_grouped(name, params, grads, *lists, *maps, lr, steps, *hyper)
+
+        rows.append((f"lowbit {name} 8-bit (one grouped op)", nbytes, time_ms(grouped8, reps=reps)))
         os.environ["TORCHLOWBIT_OPTIM_STAGE"] = "1"
         try:
             rows.append((f"lowbit {name} 8-bit, cp.async staging (ops)", nbytes, time_ms(step8, reps=reps)))

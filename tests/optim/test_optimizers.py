@@ -404,3 +404,14 @@ def test_loaded_custom_maps_get_a_unit_of_their_own(device):
     opt.step()
     for a, b in zip(resumed, singles, strict=True):
         assert torch.equal(a, b)
+
+
+def test_override_config_is_forgotten_with_its_tensor():
+    """A later tensor that reuses a freed tensor's id must not inherit its overrides."""
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    p = _param("cpu")
+    pid = id(p)
+    manager.override_config(p, "optim_bits", 32)
+    assert manager.pid2config[pid] == {"optim_bits": 32}
+    del p
+    assert pid not in manager.pid2config

@@ -1,5 +1,6 @@
 """``GlobalOptimManager``: per-parameter optimizer overrides (e.g. 32-bit state for embeddings)."""
 
+import weakref
 from typing import Any
 
 import torch
@@ -60,8 +61,15 @@ class GlobalOptimManager:
             raise ValueError("override_config needs key and value, or key_value_dict")
         self.uses_config_override = True
         for p in [parameters] if isinstance(parameters, torch.Tensor) else parameters:
+            if id(p) not in self.pid2config:  # forget it with the tensor: a later tensor may reuse its id
+                weakref.finalize(p, self._forget, id(p), self.pid2config)
             self.pid2config.setdefault(id(p), {}).update(key_value_dict)
         self._changed()
+
+    def _forget(self, pid: int, configs: dict[int, dict[str, Any]]) -> None:
+        """Drops the overrides of a parameter that no longer exists (from ``configs``, if ``initialize`` kept it)."""
+        if configs is self.pid2config and configs.pop(pid, None) is not None:
+            self._changed()
 
     def register_module_override(self, module: nn.Module, param_name: str, config: dict[str, Any]) -> None:
         """Override the config of ``module.<param_name>`` whatever tensor it holds when the optimizer starts."""
