@@ -59,6 +59,21 @@ __device__ int inside_id(float m, int M) {
   return nb + b;
 }
 
+// The position of q[i] among the 256 entries of q sorted as torch.sort sorts them: stable, NaN last.
+__device__ __forceinline__ int stable_rank(const float* q, int i) {
+  const float v = q[i];
+  const bool v_nan = v != v;
+  int rank = 0;
+  for (int j = 0; j < 256; ++j) {
+    const float w = q[j];
+    const bool w_nan = w != w;
+    const bool w_before = (w < v) || (!w_nan && v_nan);
+    const bool v_before = (v < w) || (!v_nan && w_nan);
+    rank += (w_before || (!v_before && j < i)) ? 1 : 0;
+  }
+  return rank;
+}
+
 // #{ i < 255 : mids[i] < v } (LEQ: <=) over the sorted midpoints.
 template <bool LEQ>
 __device__ __forceinline__ int count_below(const float* mids, float v) {
@@ -80,18 +95,7 @@ __device__ CodeTableParams build_table(const float* q, CodeTable& t, int* bad_fl
   const bool is_sorted = __syncthreads_and(ok);
   if (i < 256) {
     const float v = q[i];
-    int rank = i;
-    if (!is_sorted) {  // stable, NaN last (torch.sort's order)
-      const bool v_nan = v != v;
-      rank = 0;
-      for (int j = 0; j < 256; ++j) {
-        const float w = q[j];
-        const bool w_nan = w != w;
-        const bool w_before = (w < v) || (!w_nan && v_nan);
-        const bool v_before = (v < w) || (!v_nan && w_nan);
-        rank += (w_before || (!v_before && j < i)) ? 1 : 0;
-      }
-    }
+    const int rank = is_sorted ? i : stable_rank(q, i);
     sorted[rank] = v;
     t.info[rank] = static_cast<uint16_t>(i | (signbit(v) ? 0x100 : 0));
   }

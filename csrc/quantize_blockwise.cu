@@ -22,15 +22,7 @@ __global__ void __launch_bounds__(256) prepare_code8_kernel(const float* __restr
   c[i] = code[i];
   __syncthreads();
   const float v = c[i];
-  const bool v_nan = v != v;
-  int rank = 0;
-  for (int j = 0; j < 256; ++j) {
-    const float w = c[j];
-    const bool w_nan = w != w;
-    const bool w_before = (w < v) || (!w_nan && v_nan);
-    const bool v_before = (v < w) || (!v_nan && w_nan);
-    rank += (w_before || (!v_before && j < i)) ? 1 : 0;
-  }
+  const int rank = stable_rank(c, i);
   sorted[rank] = v;
   out->values[rank] = v;
   out->order[rank] = static_cast<uint8_t>(i);
