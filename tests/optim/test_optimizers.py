@@ -217,6 +217,13 @@ def test_compiled_step_does_not_recompile_when_lr_changes(device):
         (lambda ps: bnb.optim.Adam(ps, eps=-1e-8), "eps must be in"),
         (lambda ps: bnb.optim.Adam(ps, optim_bits=4), "optim_bits must be 8 or 32"),
         (lambda ps: bnb.optim.AdEMAMix(ps, betas=(0.9, 0.99)), "betas must be"),
+        (lambda ps: bnb.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1), "dampening must be 0"),
+        (lambda ps: bnb.optim.LARS(ps, lr=0.1, momentum=0.9, nesterov=True), "nesterov must be False"),
+        (lambda ps: bnb.optim.RMSprop8bit(ps, percentile_clipping=5), "percentile_clipping must be 100"),
+        (lambda ps: bnb.optim.RMSprop(ps, centered=True), "centered must be False"),
+        (lambda ps: bnb.optim.Adagrad(ps, lr_decay=0.1), "lr_decay must be 0"),
+        (lambda ps: bnb.optim.LAMB(ps, amsgrad=True), "amsgrad must be False"),
+        (lambda ps: bnb.optim.Lion(ps, block_wise=False), "block_wise must be True"),
     ],
 )
 def test_bad_arguments(make, match):
@@ -225,7 +232,7 @@ def test_bad_arguments(make, match):
 
 
 def test_sgd_without_momentum_is_refused():
-    with pytest.raises(NotImplementedError, match="momentum=0"):
+    with pytest.raises(ValueError, match="momentum must be > 0"):
         bnb.optim.SGD8bit([_param("cpu")], lr=0.1)
 
 

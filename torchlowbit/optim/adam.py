@@ -1,6 +1,6 @@
 """Adam and AdamW (decoupled weight decay), with 8-bit, 32-bit and paged variants."""
 
-from .optimizer import Optimizer8bit
+from .optimizer import Optimizer8bit, _check_only
 from .variants import variant
 
 
@@ -22,10 +22,9 @@ class Adam(Optimizer8bit):
         block_wise=True,
         is_paged=False,
     ) -> None:
-        if amsgrad:
-            raise ValueError("amsgrad=True is not supported (neither with 8-bit nor 32-bit states)")
-        if percentile_clipping != 100 or not block_wise:
-            raise ValueError("percentile_clipping must be 100 and block_wise True (the only supported modes)")
+        _check_only(
+            amsgrad=(amsgrad, False), percentile_clipping=(percentile_clipping, 100), block_wise=(block_wise, True)
+        )
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
         super().__init__("adam", params, defaults, optim_bits, is_paged)
 

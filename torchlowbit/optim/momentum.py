@@ -1,14 +1,13 @@
 """SGD with momentum and LARS (momentum with a layer-wise trust ratio), 8-bit and 32-bit."""
 
-from .optimizer import Optimizer8bit
+from .optimizer import Optimizer8bit, _check_only
 from .variants import variant
 
 
-def _check_momentum(momentum: float, nesterov: bool) -> None:
+def _check_momentum(momentum: float, dampening: float, nesterov: bool, percentile_clipping: int) -> None:
     if momentum == 0:
-        raise NotImplementedError("momentum=0 is not supported: use torch.optim.SGD (there are no states to save)")
-    if nesterov:
-        raise NotImplementedError("nesterov=True is not supported")
+        raise ValueError("momentum must be > 0, got 0: use torch.optim.SGD (there are no states to save)")
+    _check_only(dampening=(dampening, 0), nesterov=(nesterov, False), percentile_clipping=(percentile_clipping, 100))
 
 
 class SGD(Optimizer8bit):
@@ -16,7 +15,8 @@ class SGD(Optimizer8bit):
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True) -> None:  # fmt: skip
-        _check_momentum(momentum, nesterov)
+        _check_momentum(momentum, dampening, nesterov, percentile_clipping)
+        _check_only(block_wise=(block_wise, True))
         defaults = dict(lr=lr, betas=(momentum, dampening), eps=0.0, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size)  # fmt: skip
         super().__init__("momentum", params, defaults, optim_bits)
@@ -27,7 +27,7 @@ class LARS(Optimizer8bit):
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, max_unorm=0.02) -> None:  # fmt: skip
-        _check_momentum(momentum, nesterov)
+        _check_momentum(momentum, dampening, nesterov, percentile_clipping)
         defaults = dict(lr=lr, betas=(momentum, dampening), eps=0.0, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size, max_unorm=max_unorm)  # fmt: skip
         super().__init__("lars", params, defaults, optim_bits)

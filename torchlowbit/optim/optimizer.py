@@ -139,6 +139,13 @@ def _override_key(override: dict[str, Any], p: torch.Tensor) -> Hashable:
     return key if all(_plain(value) for _, value in key) else ("own", id(p))
 
 
+def _check_only(**arguments: tuple[Any, Any]) -> None:
+    """Each argument given as ``name=(value, supported)`` must have the only value the update kernels implement."""
+    for name, (value, supported) in arguments.items():
+        if value != supported:
+            raise ValueError(f"{name} must be {supported!r} (the only supported value), got {value!r}")
+
+
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool = False) -> None:
     if not (low <= value < high or (closed_high and value == high)):
         bracket = "]" if closed_high else ")"

@@ -1,6 +1,6 @@
 """RMSprop and Adagrad, 8-bit and 32-bit."""
 
-from .optimizer import Optimizer8bit
+from .optimizer import Optimizer8bit, _check_only
 from .variants import variant
 
 
@@ -23,11 +23,9 @@ class RMSprop(Optimizer8bit):
         block_wise=True,
     ) -> None:
         if alpha == 0:
-            raise NotImplementedError("alpha=0 is not supported")
-        if centered:
-            raise NotImplementedError("centered=True is not supported")
-        if momentum != 0:
-            raise NotImplementedError("momentum != 0 is not supported")
+            raise ValueError("alpha must be in (0, 1), got 0")
+        _check_only(centered=(centered, False), momentum=(momentum, 0), percentile_clipping=(percentile_clipping, 100),
+                   block_wise=(block_wise, True))  # fmt: skip
         defaults = dict(lr=lr, betas=(alpha, momentum), eps=eps, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size)  # fmt: skip
         super().__init__("rmsprop", params, defaults, optim_bits)
@@ -50,10 +48,8 @@ class Adagrad(Optimizer8bit):
         percentile_clipping=100,
         block_wise=True,
     ) -> None:
-        if initial_accumulator_value != 0:
-            raise ValueError("initial_accumulator_value must be 0 (the only supported value)")
-        if lr_decay != 0:
-            raise ValueError("lr_decay must be 0 (the only supported value)")
+        _check_only(initial_accumulator_value=(initial_accumulator_value, 0), lr_decay=(lr_decay, 0),
+                   percentile_clipping=(percentile_clipping, 100), block_wise=(block_wise, True))  # fmt: skip
         defaults = dict(lr=lr, betas=(0.0, 0.0), eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
         super().__init__("adagrad", params, defaults, optim_bits)
 
