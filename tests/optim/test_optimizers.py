@@ -422,3 +422,20 @@ def test_override_config_is_forgotten_with_its_tensor():
     assert manager.pid2config[pid] == {"optim_bits": 32}
     del p
     assert pid not in manager.pid2config
+
+
+def test_cleared_or_replaced_state_is_used_by_the_next_step(device):
+    """The cached grouping must follow the states the user sees: a cleared state starts again, a replaced
+    step count is the one that advances."""
+    p = _param(device)
+    opt = bnb.optim.AdamW8bit([p])
+    for g in _grads(device, 2):
+        p.grad = g
+        opt.step()
+    opt.state.clear()
+    p.grad = _grads(device, 1, seed=5)[0]
+    opt.step()
+    assert opt.state[p]["step"].item() == 1
+    opt.state[p]["step"] = torch.tensor(10.0)
+    opt.step()
+    assert opt.state[p]["step"].item() == 11

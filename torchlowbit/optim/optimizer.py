@@ -114,14 +114,19 @@ class _Unit(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    """A param group's units, valid while its parameters with gradients and the manager's overrides stay."""
+    """A param group's units, valid while its parameters with gradients, their states (the same tensors under the
+    same keys: a cleared or replaced state is initialized again) and the manager's overrides stay."""
 
     params: list[torch.Tensor]
+    states: list[tuple[dict[str, Any], list]]  # each parameter's state dict and its _PLANNED_STATE entries
     overrides_version: int
     units: list[_Unit]
 
 
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+_PLANNED_STATE = ("step", "state1", "state2", "absmax1", "absmax2")  # the tensors a unit holds, updated in place
+
+
+def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
@@ -238,10 +243,24 @@ class Optimizer8bit(torch.optim.Optimizer):
         """The units of param group ``index`` this step: the cached plan's while it holds."""
         params = [p for p in group["params"] if p.grad is not None]
         plan = self._plans.get(index)
-        if plan is None or plan.overrides_version != self.mng.version or not _same(plan.params, params):
-            plan = _Plan(params, self.mng.version, self._plan(group, params))
+        if plan is None or plan.overrides_version != self.mng.version or not self._holds(plan, params):
+            units = self._plan(group, params)
+            states = [(self.state[p], [self.state[p].get(name) for name in _PLANNED_STATE]) for p in params]
+            plan = _Plan(params, states, self.mng.version, units)
             self._plans[index] = plan
         return plan.units
+
+    def _holds(self, plan: _Plan, params: list[torch.Tensor]) -> bool:
+        """Whether ``plan`` still covers ``params`` with the states it was made with."""
+        if not _same(plan.params, params):
+            return False
+        for p, (state, tensors) in zip(params, plan.states, strict=True):
+            if self.state.get(p) is not state:
+                return False
+            for name, tensor in zip(_PLANNED_STATE, tensors, strict=True):
+                if state.get(name) is not tensor:
+                    return False
+        return True
 
     def _plan(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[_Unit]:
         """Initializes the states ``params`` lack and sorts ``params`` into units."""
