@@ -439,3 +439,13 @@ def test_cleared_or_replaced_state_is_used_by_the_next_step(device):
     opt.state[p]["step"] = torch.tensor(10.0)
     opt.step()
     assert opt.state[p]["step"].item() == 11
+
+
+def test_sparse_gradients_are_refused_after_dense_steps():
+    embedding = torch.nn.Embedding(10, 4)
+    opt = bnb.optim.Adam32bit(embedding.parameters())
+    embedding(torch.tensor([1])).sum().backward()
+    opt.step()
+    embedding.weight.grad = embedding.weight.grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()

@@ -242,6 +242,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _units(self, index: int, group: dict[str, Any]) -> list[_Unit]:
         """The units of param group ``index`` this step: the cached plan's while it holds."""
         params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         plan = self._plans.get(index)
         if plan is None or plan.overrides_version != self.mng.version or not self._holds(plan, params):
             units = self._plan(group, params)
@@ -266,8 +269,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Initializes the states ``params`` lack and sorts ``params`` into units."""
         members: dict[Hashable, list[torch.Tensor]] = {}
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if not self.state[p]:
                 self._init_state(p, self._config(group, p))
             members.setdefault(self._group_key(group, p), []).append(p)
