@@ -96,10 +96,11 @@ def lowbit_steps(params, grads, reps, graph_too):
         rows.append((f"lowbit {name} 8-bit (ops)", nbytes, time_ms(step8, reps=reps)))
         steps = [step.clone() for _ in params]
 
-        def grouped8(name=name, states=states, steps=steps):
-            # state1, state2, absmax1, absmax2 as lists (empty where the optimizer has one state)
-            lists = ([st.args()[i] for st in states if st.args()[i] is not None] for i in range(4))
-            maps = states[0].args()[4:]
+        # state1, state2, absmax1, absmax2 as lists (empty where the optimizer has one state), and the maps
+        lists = [[t for t in column if t is not None] for column in zip(*(st.args()[:4] for st in states), strict=True)]
+        maps = states[0].args()[4:]
+
+        def grouped8(name=name, lists=lists, maps=maps, steps=steps):
             ops.optimizer_update_8bit_blockwise_grouped(name, params, grads, *lists, *maps, lr, steps, *hyper)
 
         rows.append((f"lowbit {name} 8-bit (one grouped op)", nbytes, time_ms(grouped8, reps=reps)))
@@ -129,7 +130,7 @@ def lowbit_steps(params, grads, reps, graph_too):
 
 
 def state_bytes_per_param(optimizer, numel: int) -> float:
-    """Bytes of optimizer state per parameter (storages shared between parameters, such as the maps, once)."""
+    """Bytes of optimizer state per parameter (a storage shared between parameters counted once)."""
     storages = {}
     for state in optimizer.state.values():
         for value in state.values():

@@ -224,6 +224,8 @@ def test_compiled_step_does_not_recompile_when_lr_changes(device):
         (lambda ps: bnb.optim.Adagrad(ps, lr_decay=0.1), "lr_decay must be 0"),
         (lambda ps: bnb.optim.LAMB(ps, amsgrad=True), "amsgrad must be False"),
         (lambda ps: bnb.optim.Lion(ps, block_wise=False), "block_wise must be True"),
+        (lambda ps: bnb.optim.RMSprop(ps, alpha=1.5), r"alpha must be in \(0, 1\)"),
+        (lambda ps: bnb.optim.LARS(ps, lr=0.1, momentum=1.5), r"momentum must be in \(0, 1\)"),
     ],
 )
 def test_bad_arguments(make, match):
@@ -232,7 +234,7 @@ def test_bad_arguments(make, match):
 
 
 def test_sgd_without_momentum_is_refused():
-    with pytest.raises(ValueError, match="momentum must be > 0"):
+    with pytest.raises(ValueError, match=r"momentum must be in \(0, 1\), got 0"):
         bnb.optim.SGD8bit([_param("cpu")], lr=0.1)
 
 
@@ -449,3 +451,35 @@ def test_sparse_gradients_are_refused_after_dense_steps():
     embedding.weight.grad = embedding.weight.grad.to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+def test_maps_replaced_in_the_state_are_used():
+    """A parameter whose state gets other maps is updated with them, not with its unit's first parameter's."""
+    a, b = _param("cpu", seed=1), _param("cpu", seed=2)
+    opt = bnb.optim.Adam8bit([a, b])
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    signed = opt.state[b]["qmap1"]
+    opt.state[b]["qmap1"] = signed.flip(0).contiguous()  # the same values in another order: other codes
+    b_alone = b.detach().clone().requires_grad_(True)
+    alone = bnb.optim.Adam8bit([b_alone])
+    b_alone.grad = b.grad
+    alone.step()
+    alone.state[b_alone]["qmap1"] = opt.state[b]["qmap1"]
+    for name in ("state1", "state2", "absmax1", "absmax2"):
+        alone.state[b_alone][name] = opt.state[b][name].clone()
+    opt.step()
+    alone.step()
+    assert torch.equal(opt.state[b]["state1"], alone.state[b_alone]["state1"])
+
+
+def test_initialize_detaches_the_override_finalizers():
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    p = _param("cpu")
+    manager.override_config(p, "optim_bits", 32)
+    manager.initialize()
+    manager.override_config(p, "optim_bits", 32)
+    assert len([f for f in manager._finalizers.values() if f.alive]) == 1
+    pid = id(p)
+    del p
+    assert pid not in manager.pid2config and pid not in manager._finalizers

@@ -17,6 +17,9 @@ class GlobalOptimManager:
 
     def initialize(self) -> None:
         """Forget every override."""
+        for finalizer in getattr(self, "_finalizers", {}).values():
+            finalizer.detach()
+        self._finalizers: dict[int, weakref.finalize] = {}  # by parameter id: drops its overrides when it dies
         self.pid2config: dict[int, dict[str, Any]] = {}
         self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
         self.optimizer = None
@@ -61,14 +64,16 @@ class GlobalOptimManager:
             raise ValueError("override_config needs key and value, or key_value_dict")
         self.uses_config_override = True
         for p in [parameters] if isinstance(parameters, torch.Tensor) else parameters:
-            if id(p) not in self.pid2config:  # forget it with the tensor: a later tensor may reuse its id
-                weakref.finalize(p, self._forget, id(p), self.pid2config)
+            if id(p) not in self._finalizers:  # forget it with the tensor: a later tensor may reuse its id
+                self._finalizers[id(p)] = weakref.finalize(p, self._forget, id(p))
+                self._finalizers[id(p)].atexit = False
             self.pid2config.setdefault(id(p), {}).update(key_value_dict)
         self._changed()
 
-    def _forget(self, pid: int, configs: dict[int, dict[str, Any]]) -> None:
-        """Drops the overrides of a parameter that no longer exists (from ``configs``, if ``initialize`` kept it)."""
-        if configs is self.pid2config and configs.pop(pid, None) is not None:
+    def _forget(self, pid: int) -> None:
+        """Drops the overrides of a parameter that no longer exists."""
+        del self._finalizers[pid]
+        if self.pid2config.pop(pid, None) is not None:
             self._changed()
 
     def register_module_override(self, module: nn.Module, param_name: str, config: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@ from .variants import variant
 
 
 def _check_momentum(momentum: float, dampening: float, nesterov: bool, percentile_clipping: int) -> None:
-    if momentum == 0:
-        raise ValueError("momentum must be > 0, got 0: use torch.optim.SGD (there are no states to save)")
+    if not 0 < momentum < 1:
+        hint = ": use torch.optim.SGD (there are no states to save)" if momentum == 0 else ""
+        raise ValueError(f"momentum must be in (0, 1), got {momentum}{hint}")
     _check_only(dampening=(dampening, 0), nesterov=(nesterov, False), percentile_clipping=(percentile_clipping, 100))
 
 

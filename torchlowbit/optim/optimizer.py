@@ -2,12 +2,12 @@
 
 Each step calls one grouped ``lowbit`` update op (``optimizer_update_32bit_grouped`` or
 ``optimizer_update_8bit_blockwise_grouped``) per unit: the parameters of a param group that share the kind of
-state, dtype, device, DTensor-ness, maps and config overrides. The units are cached while the set of parameters
-with gradients and the GlobalOptimManager overrides stay the same. Parameters with fewer than ``min_8bit_size``
-elements (counted globally for a sharded DTensor) keep 32-bit states. ``lr`` and the step counts reach the ops as
-0-d tensors, so a ``torch.compile``d step does not recompile when they change (give ``lr`` as a tensor, as with
-``torch.optim``, for schedulers under compile). State keys are the original library's: ``step``, ``state1``,
-``state2``, ``qmap1``, ``qmap2``, ``absmax1``, ``absmax2``.
+state, dtype, device, DTensor-ness, maps and config overrides. The units are cached while the parameters with
+gradients, their state tensors and the GlobalOptimManager overrides stay the same. Parameters with fewer than
+``min_8bit_size`` elements (counted globally for a sharded DTensor) keep 32-bit states. ``lr`` and the step counts
+reach the ops as 0-d tensors, so a ``torch.compile``d step does not recompile when they change (give ``lr`` as a
+tensor, as with ``torch.optim``, for schedulers under compile). State keys are the original library's: ``step``,
+``state1``, ``state2``, ``qmap1``, ``qmap2``, ``absmax1``, ``absmax2``.
 """
 
 import math
@@ -123,7 +123,8 @@ class _Plan(NamedTuple):
     units: list[_Unit]
 
 
-_PLANNED_STATE = ("step", "state1", "state2", "absmax1", "absmax2")  # the tensors a unit holds, updated in place
+# the state entries a unit holds (updated in place); a replaced one (a cleared state, new maps) regroups
+_PLANNED_STATE = ("step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 
 
 def _same(a: list, b: list) -> bool:
@@ -178,7 +179,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.is_paged = is_paged
         self.mng = GlobalOptimManager.get_instance()
         self._plans: dict[int, _Plan] = {}  # by param group index
-        self._custom_maps: set[int] = set()  # ids of parameters whose loaded qmaps are not the dynamic maps
+        # by parameter id: the (qmap1, qmap2) tensors of its state known to hold the dynamic maps (None, None for
+        # 32-bit states); a parameter whose state has other map tensors gets a unit of its own, since a grouped
+        # op takes one pair of maps for all its parameters
+        self._dynamic_maps: dict[int, tuple] = {}
 
     def _overrides(self, p: torch.Tensor) -> dict[str, Any]:
         """The GlobalOptimManager overrides of ``p``'s config."""
@@ -199,7 +203,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _group_key(self, group: dict[str, Any], p: torch.Tensor) -> tuple:
         """What parameters updated by one grouped op (with one config, ``_config`` of the first) share."""
         local = _dtensor.local(p)
-        custom = id(p) if id(p) in self._custom_maps else None
+        maps, known = _maps(self.state[p]), self._dynamic_maps.get(id(p))
+        custom = None if known is not None and _same(list(known), list(maps)) else id(p)
         return (
             local.dtype,
             local.device,
@@ -226,6 +231,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if rule.has_state2:
                 state["qmap2"] = _UNSIGNED_MAP.to(device, copy=True)
                 state["absmax2"] = _absmax_like(p)
+        self._dynamic_maps[id(p)] = _maps(state)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -340,11 +346,15 @@ class Optimizer8bit(torch.optim.Optimizer):
                         paged = self.is_paged and name in ("state1", "state2")  # copied once, into managed memory
                         value = saved[name].to(p.device, copy=not paged)
                         state[name] = _paged_copy(value) if paged else value
-                self._custom_maps.discard(id(p))
-                if not _has_dynamic_maps(state):  # (a grouped op takes one pair of maps for all its parameters)
-                    self._custom_maps.add(id(p))
+                self._dynamic_maps.pop(id(p), None)
+                if _has_dynamic_maps(state):
+                    self._dynamic_maps[id(p)] = _maps(state)
                 if "step" in state:
                     state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
+
+
+def _maps(state: dict[str, Any]) -> tuple:
+    return state.get("qmap1"), state.get("qmap2")
 
 
 def _has_dynamic_maps(state: dict[str, Any]) -> bool:

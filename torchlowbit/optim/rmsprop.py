@@ -22,8 +22,8 @@ class RMSprop(Optimizer8bit):
         percentile_clipping=100,
         block_wise=True,
     ) -> None:
-        if alpha == 0:
-            raise ValueError("alpha must be in (0, 1), got 0")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         _check_only(centered=(centered, False), momentum=(momentum, 0), percentile_clipping=(percentile_clipping, 100),
                    block_wise=(block_wise, True))  # fmt: skip
         defaults = dict(lr=lr, betas=(alpha, momentum), eps=eps, weight_decay=weight_decay,
