@@ -12,14 +12,13 @@
 #include <cstdint>
 
 namespace lowbit {
-namespace {
 
 constexpr int kTableCap = 3204;  // 2 * (25 * 64 + 2): M = 6 with both signs; M = 7 positive-only fits too
 
 // Table configurations, in order of preference (smaller tables first): (M, positive-only).
 constexpr int kNumConfigs = 7;
-__device__ __constant__ int kConfigM[kNumConfigs] = {4, 5, 6, 4, 5, 6, 7};
-__device__ __constant__ int kConfigPos[kNumConfigs] = {0, 0, 0, 1, 1, 1, 1};
+static __constant__ int kConfigM[kNumConfigs] = {4, 5, 6, 4, 5, 6, 7};
+static __constant__ int kConfigPos[kNumConfigs] = {0, 0, 0, 1, 1, 1, 1};
 constexpr int kPositiveOnlyMask = 0x78;
 
 struct CodeTable {
@@ -49,7 +48,7 @@ __device__ __forceinline__ int bin_of(uint32_t mag, uint32_t shift, int bias, in
 }
 
 // The table slot whose answer depends on whether midpoint m < x (-1: none; m is constant for its bins).
-__device__ int inside_id(float m, int M) {
+__device__ inline int inside_id(float m, int M) {
   const uint32_t shift = 23 - M;
   const int bias = (103 << M) - 1, nb = (25 << M) + 2;
   const uint32_t mag = __float_as_uint(m) & 0x7fffffffu;
@@ -88,7 +87,7 @@ __device__ __forceinline__ int count_below(const float* mids, float v) {
 
 // Builds the search structures of one 256-entry map (already in shared memory). All threads call; ends
 // with a barrier. Returns the table parameters (the same in every thread).
-__device__ CodeTableParams build_table(const float* q, CodeTable& t, int* bad_flag, bool force_tree) {
+__device__ inline CodeTableParams build_table(const float* q, CodeTable& t, int* bad_flag, bool force_tree) {
   const int i = threadIdx.x;
   float* sorted = t.tree;  // scratch until the tree is written
   const bool ok = i < 255 ? q[i] <= q[i + 1] : true;
@@ -175,5 +174,4 @@ __device__ __forceinline__ uint32_t nearest_info(float x, const CodeTable& t, co
   }
 }
 
-}  // namespace
 }  // namespace lowbit
