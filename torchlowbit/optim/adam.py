@@ -7,24 +7,11 @@ from .variants import variant
 class Adam(Optimizer8bit):
     """Adam; ``weight_decay`` is decoupled (applied to the weights, as AdamW), as in the original library."""
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0,
-        amsgrad=False,
-        optim_bits=32,
-        args=None,
-        min_8bit_size=4096,
-        percentile_clipping=100,
-        block_wise=True,
-        is_paged=False,
-    ) -> None:
-        _check_only(
-            amsgrad=(amsgrad, False), percentile_clipping=(percentile_clipping, 100), block_wise=(block_wise, True)
-        )
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 is_paged=False) -> None:  # fmt: skip
+        _check_only(amsgrad=(amsgrad, False), percentile_clipping=(percentile_clipping, 100),
+                    block_wise=(block_wise, True))  # fmt: skip
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
         super().__init__("adam", params, defaults, optim_bits, is_paged)
 
