@@ -296,9 +296,10 @@ __device__ __forceinline__ uint32_t code_at(uint2 c, int j) { return ((j < 4 ? c
 // ---------------------------------------------------------------------------------------------------
 // The tensors of one launch. As in PyTorch's multi_tensor_apply, a launch takes a table of up to N tensors by
 // value in its kernel parameters (at most 4 KB with the other arguments). The work units of its tensors (8
-// elements for 32-bit states, blocks of 256 for 8-bit ones) are numbered one tensor after another; a thread (a
-// warp for 8-bit states) finds the tensor of its unit in the prefix table `first`. A single-tensor op is a launch
-// of one tensor, a grouped op as many launches as its list needs.
+// elements for 32-bit states, blocks of 256 for 8-bit ones) are numbered one tensor after another in the prefix
+// table `first`: a 32-bit CTA finds the tensor of its chunk once (`cta_first`), an 8-bit warp the tensor of each
+// of its blocks (`locate`). A single-tensor op is a launch of one tensor, a grouped op as many launches as its
+// list needs.
 
 constexpr int kParamBytes = 4000;  // the 4 KB of kernel parameters, less room for alignment
 
