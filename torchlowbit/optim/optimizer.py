@@ -11,7 +11,7 @@ tensor, as with ``torch.optim``, for schedulers under compile). State keys are t
 """
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -127,7 +127,7 @@ class _Plan(NamedTuple):
 _PLANNED_STATE = ("step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 
 
-def _same(a: list, b: list) -> bool:
+def _same(a: Sequence, b: Sequence) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
@@ -204,7 +204,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         """What parameters updated by one grouped op (with one config, ``_config`` of the first) share."""
         local = _dtensor.local(p)
         maps, known = _maps(self.state[p]), self._dynamic_maps.get(id(p))
-        custom = None if known is not None and _same(list(known), list(maps)) else id(p)
+        custom = None if known is not None and _same(known, maps) else id(p)
         return (
             local.dtype,
             local.device,
