@@ -37,12 +37,12 @@ namespace {
 
 constexpr int kGemvThreads = 256;  // 8 warps
 constexpr int kGemvWarps = kGemvThreads / 32;
-constexpr int kIterElems = 128;    // k elements per warp iteration: 4 lanes x 16 bytes x 2 codes
+constexpr int kRounds = 2;             // rounds a warp iteration (double-buffered as a whole)
+constexpr int kTableBytes = 256 * 256;  // byte table: entry b at 256 * b, lane l's copy at + 4 * l
 constexpr int kFusedMaxMDefault = 32;  // measured crossover with dequantize + cuBLAS: 32-64 rows
-constexpr int64_t kMaxAbsmaxSmem = 160 * 1024;
 
 struct GemvParams {
-  const uint8_t* packed;  // (N, K / 2) bytes, 16-byte aligned rows
+  const uint8_t* packed;  // (N, K / 2) bytes, rows 4 * VEC-byte aligned
   const void* A;          // (m, K) contiguous, 16-byte aligned
   void* out;              // (m, ldo)
   int64_t ldo;
@@ -60,10 +60,8 @@ struct GemvParams {
   int log2_nested;
   const void* bias;
   int bias_kind;  // 0 none, 1 float32, 2 float16, 3 bfloat16
-  int64_t nblocks;     // blocks of the whole weight
-  int absmax_vec;       // the absmax buffer is 16-byte aligned (vector loads)
-  int wr;               // warps along rows; 8 / wr along k
-  int n_iter;           // ceil(K / 128)
+  int wr;         // warps along rows (16 rows each); 8 / wr along k
+  int n_tiles;    // ceil(N / (16 * wr))
 };
 
 template <typename T>
@@ -125,353 +123,245 @@ __device__ __forceinline__ float load_bias(const void* bias, int kind, int64_t i
   }
 }
 
-// Byte `b` of `x`, zero-extended (one PRMT).
-__device__ __forceinline__ uint32_t byte_of(uint32_t x, int b) {
-  return __byte_perm(x, 0u, 0x4440u | static_cast<uint32_t>(b));
-}
-
-__device__ __forceinline__ uint32_t lds32(uint32_t shared_address) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(shared_address));
-  return v;
+// Offset in the byte table of byte `b` of `w` in this lane's copy (`lane4` = 4 * lane, bytes 1-3 zero): one
+// PRMT puts the byte above the lane offset, so a lookup is one PRMT and one LDS.
+__device__ __forceinline__ uint32_t table_offset(uint32_t w, int b, uint32_t lane4) {
+  return __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4));
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
-// NT: n-tiles of 8 rows of A; VEC: bytes per lane and round (4, 8 or 16); R: m16 tiles of weight rows per warp.
-template <typename T, int NT, int VEC, int R>
-__global__ void __launch_bounds__(kGemvThreads, NT == 1 ? 2 : 1) gemv_4bit_kernel(const GemvParams p) {
-  constexpr int U = 16 / VEC;  // rounds per iteration
-  constexpr int RW = 16 * R;   // weight rows per warp
-  constexpr int RT = 2 * R;    // weight rows per thread
-  constexpr bool kPrefetchA = NT <= 2;  // activations one iteration ahead (four n-tiles: no registers left)
-  extern __shared__ float4 smem_dyn[];
-  float* s_absmax = reinterpret_cast<float*>(smem_dyn);
-  // Byte table: entry (b, lane) = code[b >> 4] | code[b & 15] << 16 in T, one copy per lane (its own bank), so
-  // one lookup gives the A-fragment register of a packed byte (two consecutive k) without bank conflicts.
-  __shared__ __align__(16) uint32_t s_tab[256 * 32];
-  __shared__ float s_ncode[256];
+// VEC bytes of a packed row as VEC / 4 words.
+template <int VEC>
+__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC / 4]) {
+  if constexpr (VEC == 16) {
+    const uint4 v = load_stream16(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (VEC == 8) {
+    const uint2 v = load_stream8(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    w[0] = load_stream4(p);
+  }
+}
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int wr_idx = warp % p.wr, wk_idx = warp / p.wr, wk = kGemvWarps / p.wr;
-  const int rows_cta = RW * p.wr;
-  const int64_t row0 = int64_t(blockIdx.x) * rows_cta;
-  const int K = p.K, N = p.N, L = p.log2_block;
-  const int64_t row_bytes = K >> 1;
+// NT: n-tiles of 8 rows of A; VEC: bytes a lane reads from each of its two rows per round.
+template <typename T, int NT, int VEC>
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvParams p) {
+  constexpr int W = VEC / 4;
+  constexpr int kRoundElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
+  constexpr int kIterElems = kRounds * kRoundElems;
+  constexpr int kIterBytes = kIterElems / 2;
+  constexpr bool kPrefetchX = NT == 1;  // activations an iteration ahead too (more n-tiles: no registers left)
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* s_ncode = reinterpret_cast<float*>(smem + kTableBytes);
+  float* s_red = s_ncode + 256;  // split-K partial sums: [warp][NT * 4][lane]
 
-  {
-    const int b = threadIdx.x;  // 256 threads, one byte value each
+  {  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
+    const int b = threadIdx.x;
     const float c_hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float c_lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
     const uint32_t v = Mma<T>::bits(c_hi) | (Mma<T>::bits(c_lo) << 16);
-    const uint4 v4 = make_uint4(v, v, v, v);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {  // rotated so that a quarter warp's 16-byte stores hit different banks
-      reinterpret_cast<uint4*>(s_tab + b * 32)[(q + b) & 7] = v4;
+      reinterpret_cast<uint4*>(smem + 256 * b)[(q + b) & 7] = make_uint4(v, v, v, v);
     }
-  }
-  const uint32_t tab_lane = static_cast<uint32_t>(__cvta_generic_to_shared(s_tab)) + 4 * lane;
-
-  if (p.nested) s_ncode[threadIdx.x] = __ldg(p.nested_code + threadIdx.x);
-
-  // The CTA's rows cover the consecutive blocks [b_begin, b_end) of the flattened weight: their absmax go to
-  // a flat shared table, entry f at f + f / 32 (rows K / blocksize entries apart fall in different banks).
-  const int64_t b_begin = (row0 * K) >> L;
-  const int64_t b_end = ((min(row0 + rows_cta, int64_t(N)) * K - 1) >> L) + 1;
-
-  // This thread's weight rows: i = 2 * tile + half -> local row 16 * tile + 8 * half + g. The block of
-  // element (row, k) is tab_base + ((tab_off + k) >> L) in the table.
-  const uint8_t* wrow[RT];
-  int tab_base[RT], tab_off[RT];
-#pragma unroll
-  for (int i = 0; i < RT; ++i) {
-    const int lr = wr_idx * RW + 16 * (i >> 1) + 8 * (i & 1) + g;
-    const int64_t r = min(row0 + lr, int64_t(N) - 1);
-    wrow[i] = p.packed + r * row_bytes;
-    tab_off[i] = static_cast<int>((r * K) & ((int64_t(1) << L) - 1));
-    tab_base[i] = static_cast<int>(((r * K) >> L) - b_begin);
-  }
-
-  auto load_w = [&](int it, uint32_t (&w)[RT][4]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool valid = it * kIterElems + u * 8 * VEC < K;
-      const int64_t off = int64_t(it) * (kIterElems / 2) + u * 4 * VEC + t * VEC;
-#pragma unroll
-      for (int i = 0; i < RT; ++i) {
-        if constexpr (VEC == 16) {
-          const uint4 v = valid ? load_stream16(wrow[i] + off) : make_uint4(0, 0, 0, 0);
-          w[i][0] = v.x, w[i][1] = v.y, w[i][2] = v.z, w[i][3] = v.w;
-        } else if constexpr (VEC == 8) {
-          const uint2 v = valid ? load_stream8(wrow[i] + off) : make_uint2(0, 0);
-          w[i][2 * u] = v.x, w[i][2 * u + 1] = v.y;
-        } else {
-          w[i][u] = valid ? load_stream4(wrow[i] + off) : 0u;
-        }
-      }
-    }
-  };
-  // The 64 bytes a quad reads from each row in iteration `it`, into L2 ahead of the loads.
-  auto prefetch_w = [&](int it) {
-    if (it < p.n_iter && it * kIterElems + 32 * t < K) {
-#pragma unroll
-      for (int i = 0; i < RT; ++i) prefetch_l2(wrow[i] + int64_t(it) * (kIterElems / 2) + 16 * t);
-    }
-  };
-
-  // Activations: row 8 * j + g of A, the 2 * VEC elements of each round at this lane's bytes; word lb holds
-  // the two elements of weight byte lb.
-  const T* arow[NT];
-  bool avalid[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int n = 8 * j + g;
-    avalid[j] = n < p.m;
-    arow[j] = static_cast<const T*>(p.A) + int64_t(avalid[j] ? n : 0) * K;
-  }
-  auto load_a = [&](int it, uint32_t (&x)[NT][16]) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const bool valid = avalid[j] && it * kIterElems + u * 8 * VEC < K;
-        const int64_t k = int64_t(it) * kIterElems + 2 * (u * 4 * VEC + t * VEC);
-#pragma unroll
-        for (int q = 0; q < VEC / 4; ++q) {
-          const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(arow[j] + k) + q) : make_uint4(0, 0, 0, 0);
-          const int w0 = u * VEC + 4 * q;
-          x[j][w0] = v.x, x[j][w0 + 1] = v.y, x[j][w0 + 2] = v.z, x[j][w0 + 3] = v.w;
-        }
-      }
-    }
-  };
-
-  float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.0f;
-
-  int it = wk_idx;
-  uint32_t wc[RT][4];
-  uint32_t xc[NT][16];
-  if (it < p.n_iter) {
-    load_w(it, wc);
-    if constexpr (kPrefetchA) load_a(it, xc);
-  }
-  prefetch_w(it + wk);
-  prefetch_w(it + 2 * wk);
-
-  // Decode the absmax of the CTA's blocks into shared memory: 16-byte vector loads (16 uint8 codes or 4
-  // float32), a batch of them in flight together.
-  __syncthreads();  // s_ncode
-  {
-    const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
-    const int E = static_cast<int>(b_end - b_begin);
-    const int per = p.nested ? 16 : 4;  // entries per 16-byte chunk
-    const int64_t c_begin = b_begin / per;
-    const int nchunks = static_cast<int>((b_end + per - 1) / per - c_begin);
-    const int64_t full_chunks = p.absmax_vec ? p.nblocks / per : 0;  // chunks that a vector load may read
-    const uint4* src = static_cast<const uint4*>(p.nested ? static_cast<const void*>(p.absmax_q) : p.absmax);
-    constexpr int kBatch = NT == 1 ? 2 : 4;  // NT == 1 keeps two CTAs an SM in 128 registers
-    for (int c0 = 0; c0 < nchunks; c0 += kBatch * kGemvThreads) {
-      uint4 v[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int64_t c = c_begin + c0 + q * kGemvThreads + threadIdx.x;
-        v[q] = c0 + q * kGemvThreads + int(threadIdx.x) < nchunks && c < full_chunks ? __ldg(src + c)
-                                                                                     : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int ci = c0 + q * kGemvThreads + threadIdx.x;
-        if (ci >= nchunks) break;
-        const int64_t c = c_begin + ci;
-        const int f0 = static_cast<int>(c * per - b_begin);  // table entry of the chunk's first element
-        if (c >= full_chunks) {  // the tensor's last partial chunk, or an unaligned buffer: element loads
-          for (int e = 0; e < per; ++e) {
-            const int f = f0 + e;
-            if (f < 0 || f >= E) continue;
-            const int64_t b = c * per + e;
-            s_absmax[f + (f >> 5)] =
-                p.nested ? __fadd_rn(__fmul_rn(s_ncode[__ldg(p.absmax_q + b)],
-                                               __ldg(p.nested_absmax + (b >> p.log2_nested))),
-                                     offset)
-                         : __ldg(p.absmax + b);
-          }
-          continue;
-        }
-        const uint32_t words[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
-        if (p.nested) {
-          const float scale = __ldg(p.nested_absmax + ((c * 16) >> p.log2_nested));  // 16 | nested blocksize
-#pragma unroll
-          for (int e = 0; e < 16; ++e) {
-            const int f = f0 + e;
-            if (static_cast<unsigned>(f) < static_cast<unsigned>(E))
-              s_absmax[f + (f >> 5)] = __fadd_rn(__fmul_rn(s_ncode[byte_of(words[e >> 2], e & 3)], scale), offset);
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int f = f0 + e;
-            if (static_cast<unsigned>(f) < static_cast<unsigned>(E)) s_absmax[f + (f >> 5)] = __uint_as_float(words[e]);
-          }
-        }
-      }
-    }
+    s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   }
   __syncthreads();
 
-  for (; it < p.n_iter; it += wk) {
-    const int next = it + wk;
-    uint32_t wn[RT][4];
-    uint32_t xn[NT][16];
-    if (next < p.n_iter) {
-      load_w(next, wn);
-      if constexpr (kPrefetchA) load_a(next, xn);
-    }
-    prefetch_w(next + 2 * wk);
-    if constexpr (!kPrefetchA) load_a(it, xc);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wr = p.wr, wk = kGemvWarps / wr, wr_idx = warp % wr, wk_idx = warp / wr;
+  const int K = p.K, N = p.N, L = p.log2_block;
+  const int64_t row_bytes = K >> 1;
+  const int n_full = K / kIterElems;
+  const uint32_t lane4 = 4 * lane;
+  const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
 
+  // Rows of A past m repeat row m - 1: they only feed output columns that are never stored.
+  const T* arow[NT];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k0 = it * kIterElems + u * 8 * VEC;
-      if (k0 >= K) break;  // the same for the whole warp
-      float am[RT];
-#pragma unroll
-      for (int i = 0; i < RT; ++i) {
-        const int f = tab_base[i] + ((tab_off[i] + k0) >> L);
-        am[i] = s_absmax[f + (f >> 5)];
+  for (int j = 0; j < NT; ++j) arow[j] = static_cast<const T*>(p.A) + int64_t(min(8 * j + g, p.m - 1)) * K + 2 * VEC * t;
+
+  for (int tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
+    const int64_t rg = int64_t(tile) * 16 * wr + wr_idx * 16 + g;  // this thread's rows: rg and rg + 8
+    const uint8_t* w0 = p.packed + min(rg, int64_t(N) - 1) * row_bytes + t * VEC;
+    const uint8_t* w1 = p.packed + min(rg + 8, int64_t(N) - 1) * row_bytes + t * VEC;
+    // Each lane of a quad decodes one absmax of an iteration (round t >> 1, row t & 1); shuffles share them.
+    const int64_t e_mine = min(rg + 8 * (t & 1), int64_t(N) - 1) * K + (t >> 1) * kRoundElems;
+
+    // The raw absmax of element e: the uint8 code and its nested scale, or the float32 absmax.
+    auto load_absmax = [&](int64_t e, uint32_t& q, float& s) {
+      const int64_t blk = e >> L;
+      if (p.nested) {
+        q = __ldg(p.absmax_q + blk);
+        s = __ldg(p.nested_absmax + (blk >> p.log2_nested));
+      } else {
+        s = __ldg(p.absmax + blk);
       }
+    };
+    // As the reference decodes it: code * nested_absmax + offset, each operation rounded (no FMA).
+    auto decode_absmax = [&](uint32_t q, float s) { return p.nested ? __fadd_rn(__fmul_rn(s_ncode[q], s), offset) : s; };
 
-      float tmp[R][NT][4];
+    float acc[NT][4];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) tmp[r][j][c] = 0.0f;
+      for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
 
-#pragma unroll
-      for (int s = 0; s < VEC / 2; ++s) {
-        const int lb = u * VEC + 2 * s;  // local bytes lb (k 2t, 2t + 1 of the MMA) and lb + 1 (k 2t + 8, 2t + 9)
-        uint32_t a[RT][2];
-#pragma unroll
-        for (int i = 0; i < RT; ++i) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const uint32_t byte = byte_of(wc[i][(lb + e) >> 2], (lb + e) & 3);
-            a[i][e] = lds32(tab_lane + (byte << 7));
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            Mma<T>::mma(tmp[r][j], a[2 * r][0], a[2 * r + 1][0], a[2 * r][1], a[2 * r + 1][1], xc[j][lb], xc[j][lb + 1]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[r][j][c] = fmaf(tmp[r][j][c], am[2 * r + (c >> 1)], acc[r][j][c]);
-    }
-
-    if (next < p.n_iter) {
-#pragma unroll
-      for (int i = 0; i < RT; ++i)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) wc[i][q] = wn[i][q];
-      if constexpr (kPrefetchA) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int q = 0; q < 16; ++q) xc[j][q] = xn[j][q];
-      }
-    }
-  }
-
-  // Split-K: sum the WK partial fragments of each row group through shared memory (reusing the table).
-  constexpr int kFrag = R * NT * 4;
-  if (wk > 1) {
-    __syncthreads();
-    float* red = s_absmax;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
+    // One round: the bytes b0 (row rg), b1 (row rg + 8) times the activations x (this lane's 2 * VEC elements of
+    // each n-tile's row), MMAs into a temporary, then times the block's absmax (held by lanes src and src + 1 of the quad).
+    auto round = [&](const uint32_t (&b0)[W], const uint32_t (&b1)[W], const uint32_t (&x)[NT][VEC], float am, int src) {
+      float tmp[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) red[(warp * kFrag + (r * NT + j) * 4 + c) * 32 + lane] = acc[r][j][c];
-    __syncthreads();
-    if (wk_idx != 0) return;
-    for (int kk = 1; kk < wk; ++kk) {
-      const int src = kk * p.wr + wr_idx;
+        for (int c = 0; c < 4; ++c) tmp[j][c] = 0.0f;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int lb = 0; lb < VEC; lb += 2) {  // bytes lb (k 2t, 2t + 1 of the MMA) and lb + 1 (k 2t + 8, 2t + 9)
+        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b0[lb >> 2], lb & 3, lane4));
+        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b1[lb >> 2], lb & 3, lane4));
+        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b0[lb >> 2], (lb & 3) + 1, lane4));
+        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b1[lb >> 2], (lb & 3) + 1, lane4));
+#pragma unroll
+        for (int j = 0; j < NT; ++j) Mma<T>::mma(tmp[j], a0, a1, a2, a3, x[j][lb], x[j][lb + 1]);
+      }
+      const float am0 = __shfl_sync(0xffffffffu, am, (lane & ~3) | src);
+      const float am1 = __shfl_sync(0xffffffffu, am, (lane & ~3) | (src + 1));
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j][0] = fmaf(tmp[j][0], am0, acc[j][0]);
+        acc[j][1] = fmaf(tmp[j][1], am0, acc[j][1]);
+        acc[j][2] = fmaf(tmp[j][2], am1, acc[j][2]);
+        acc[j][3] = fmaf(tmp[j][3], am1, acc[j][3]);
+      }
+    };
+
+    // Full iterations, the next one's weights and absmax loaded while this one multiplies; running pointers
+    // (a warp's iterations are wk apart).
+    const int64_t step_bytes = int64_t(wk) * kIterBytes;
+    const int step_elems = wk * kIterElems;
+    int it = wk_idx;
+    const uint8_t* pw0 = w0 + int64_t(it) * kIterBytes;
+    const uint8_t* pw1 = w1 + int64_t(it) * kIterBytes;
+    const T* pa[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) pa[j] = arow[j] + it * kIterElems;
+    int64_t e = e_mine + int64_t(it) * kIterElems;
+    uint32_t wc[2][kRounds][W];
+    uint32_t qc = 0;
+    float sc = 0.0f;
+    uint32_t xc[kRounds][NT][VEC];
+    auto load_w = [&](const uint8_t* q0, const uint8_t* q1, uint32_t (&w)[2][kRounds][W]) {
+#pragma unroll
+      for (int u = 0; u < kRounds; ++u) {
+        load_bytes<VEC>(q0 + u * 4 * VEC, w[0][u]);
+        load_bytes<VEC>(q1 + u * 4 * VEC, w[1][u]);
+      }
+    };
+    // The activations of `rounds` rounds from element offset `k` of the lanes' rows.
+    auto load_x = [&](int k, int rounds, uint32_t (&x)[kRounds][NT][VEC]) {
+#pragma unroll
+      for (int u = 0; u < kRounds; ++u) {
+        if (u >= rounds) break;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) acc[r][j][c] += red[(src * kFrag + (r * NT + j) * 4 + c) * 32 + lane];
+          for (int q = 0; q < W; ++q) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(pa[j] + k + u * kRoundElems) + q);
+            x[u][j][4 * q] = v.x, x[u][j][4 * q + 1] = v.y, x[u][j][4 * q + 2] = v.z, x[u][j][4 * q + 3] = v.w;
+          }
+      }
+    };
+    if (it < n_full) {
+      load_w(pw0, pw1, wc);
+      if constexpr (kPrefetchX) load_x(0, kRounds, xc);
+      load_absmax(e, qc, sc);
     }
-  }
+    for (; it < n_full; it += wk) {
+      uint32_t wn[2][kRounds][W];
+      uint32_t xn[kRounds][NT][VEC];
+      uint32_t qn = 0;
+      float sn = 0.0f;
+      if (it + wk < n_full) {
+        load_w(pw0 + step_bytes, pw1 + step_bytes, wn);
+        if constexpr (kPrefetchX) load_x(step_elems, kRounds, xn);
+        load_absmax(e + step_elems, qn, sn);
+        if (it + 2 * wk < n_full) {  // lane t at byte 16 t of the quad's span: every sector of it
+          prefetch_l2(pw0 + 2 * step_bytes + t * (16 - VEC));
+          prefetch_l2(pw1 + 2 * step_bytes + t * (16 - VEC));
+        }
+      }
+      if constexpr (!kPrefetchX) load_x(0, kRounds, xc);
+      const float am = decode_absmax(qc, sc);
+#pragma unroll
+      for (int u = 0; u < kRounds; ++u) round(wc[0][u], wc[1][u], xc[u], am, 2 * u);
+#pragma unroll
+      for (int u = 0; u < kRounds; ++u) {
+#pragma unroll
+        for (int q = 0; q < W; ++q) wc[0][u][q] = wn[0][u][q], wc[1][u][q] = wn[1][u][q];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int q = 0; q < VEC; ++q)
+            if constexpr (kPrefetchX) xc[u][j][q] = xn[u][j][q];
+      }
+      qc = qn, sc = sn;
+      pw0 += step_bytes, pw1 += step_bytes, e += step_elems;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) pa[j] += step_elems;
+    }
+    // The last round when K is not a whole number of iterations (K % kIterElems == kRoundElems): the warp
+    // whose next iteration it would be, its pointers already there.
+    if (it == n_full && n_full * kIterElems < K) {
+      uint32_t b0[W], b1[W];
+      load_bytes<VEC>(pw0, b0);
+      load_bytes<VEC>(pw1, b1);
+      uint32_t q = 0;
+      float s = 0.0f;
+      if (t < 2) load_absmax(e, q, s);
+      load_x(0, 1, xc);
+      round(b0, b1, xc[0], decode_absmax(q, s), 0);
+    }
 
-  // Epilogue: c0, c1 are (row g, n 2t, 2t + 1), c2, c3 the same n at row g + 8.
-  T* out = static_cast<T*>(p.out);
+    // Split-K: the wk warps of a row group sum their fragments through shared memory.
+    if (wk > 1) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + wr_idx * RW + 16 * r + 8 * h + g;
-      if (row >= N) continue;
-      const float bias = load_bias(p.bias, p.bias_kind, row);
+        for (int c = 0; c < 4; ++c) s_red[(warp * NT * 4 + j * 4 + c) * 32 + lane] = acc[j][c];
+      __syncthreads();
+      if (wk_idx == 0) {
+        for (int kk = 1; kk < wk; ++kk) {
+          const int src = kk * wr + wr_idx;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = 8 * j + 2 * t + e;
-          if (n < p.m) Elem<T>::store1(out + n * p.ldo + row, __fadd_rn(acc[r][j][2 * h + e], bias));
+            for (int c = 0; c < 4; ++c) acc[j][c] += s_red[(src * NT * 4 + j * 4 + c) * 32 + lane];
         }
       }
     }
-  }
-}
-
-// Weight rows per warp (16 * R): two m16 tiles share each activation fragment.
-template <int NT>
-constexpr int rows_per_warp() {
-  return 32;
-}
-
-template <typename T, int NT, int VEC>
-void launch_gemv(const GemvParams& p, int grid, int64_t smem) {
-  auto kernel = gemv_4bit_kernel<T, NT, VEC, rows_per_warp<NT>() / 16>;
-  {  // static (33 KB byte table) + dynamic shared memory exceed the 48 KB default: raise the limit once per device
-    static bool configured[64] = {false};
-    const int device = c10::cuda::current_device();
-    TORCH_INTERNAL_ASSERT(device < 64 && smem <= kMaxAbsmaxSmem);
-    if (!configured[device]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kMaxAbsmaxSmem)));
-      configured[device] = true;
+    // Epilogue: c0, c1 are (row rg, n 2t, 2t + 1), c2, c3 the same n at row rg + 8.
+    if (wk_idx == 0) {
+      T* out = static_cast<T*>(p.out);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = rg + 8 * h;
+        if (row >= N) continue;
+        const float bias = load_bias(p.bias, p.bias_kind, row);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int n = 8 * j + 2 * t + e;
+            if (n < p.m) Elem<T>::store1(out + n * p.ldo + row, __fadd_rn(acc[j][2 * h + e], bias));
+          }
+      }
     }
-  }
-  kernel<<<grid, kGemvThreads, smem, current_stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int NT>
-void launch_gemv_vec(const GemvParams& p, int vec, int grid, int64_t smem) {
-  switch (vec) {
-    case 16: launch_gemv<T, NT, 16>(p, grid, smem); break;
-    case 8: launch_gemv<T, NT, 8>(p, grid, smem); break;
-    default: launch_gemv<T, NT, 4>(p, grid, smem); break;
+    if (wk > 1) __syncthreads();  // s_red is reused by the next tile
   }
 }
 
@@ -502,10 +392,49 @@ int64_t gcd64(int64_t a, int64_t b) {
   return a;
 }
 
-// Shared-memory bytes of the absmax table of a CTA of `rows` rows of K elements.
-int64_t absmax_table_bytes(int64_t rows, int64_t K, int log2_block) {
-  const int64_t entries = ((rows * K) >> log2_block) + 2;
-  return (entries + entries / 32 + 1) * 4;
+template <int NT>
+constexpr int64_t gemv_smem_bytes() {
+  return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * NT * 4 * 4;
+}
+
+// Warps along rows (16 rows each) of a CTA: the most even spread of row tiles over the CTAs that fit at once,
+// larger tiles (less split-K) among equals.
+int choose_wr(int64_t N, int64_t slots) {
+  int best = 1;
+  double best_eff = 0.0;
+  for (int wr : {8, 4, 2, 1}) {
+    const int64_t tiles = ceil_div(N, int64_t(16) * wr);
+    const double eff = double(tiles) / double(ceil_div(tiles, slots) * slots);
+    if (eff > best_eff + 0.02) best = wr, best_eff = eff;
+  }
+  return best;
+}
+
+template <typename T, int NT, int VEC>
+void launch_gemv(GemvParams p) {
+  auto kernel = gemv_4bit_kernel<T, NT, VEC>;
+  constexpr int64_t smem = gemv_smem_bytes<NT>();
+  static bool configured[64] = {false};  // the 64 KB table needs the opt-in shared-memory limit, once per device
+  const int device = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(device < 64);
+  if (!configured[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    configured[device] = true;
+  }
+  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, VEC>>(kGemvThreads, INT64_MAX, smem);
+  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, slots);
+  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), int64_t(16) * p.wr));
+  const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
+  kernel<<<grid, kGemvThreads, smem, current_stream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NT>
+void launch_gemv_vec(const GemvParams& p, int vec) {
+  switch (vec) {
+    case 8: launch_gemv<T, NT, 8>(p); break;
+    default: launch_gemv<T, NT, 4>(p); break;
+  }
 }
 
 // The fused path for all rows of A2 (M, K) into out2 (M, N); false where it does not apply.
@@ -515,7 +444,6 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
   const int64_t M = A2.size(0);
   if (M > fused_max_m() || K % 32 != 0 || K <= 0 || K > (int64_t(1) << 30) || N >= (int64_t(1) << 31)) return false;
   if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;
-  const int64_t sms = multiprocessor_count();
 
   GemvParams p{};
   p.packed = static_cast<const uint8_t*>(packed.data_ptr());
@@ -538,53 +466,24 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
     p.bias = bias->data_ptr();
     p.bias_kind = bias->scalar_type() == at::kFloat ? 1 : bias->scalar_type() == at::kHalf ? 2 : 3;
   }
-  p.nblocks = absmax.numel();
-  p.absmax_vec = reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 16 == 0;
-  p.n_iter = static_cast<int>(ceil_div(K, kIterElems));
   const int64_t g = gcd64(K, int64_t(1) << log2_block);
-  const int vec = static_cast<int>(std::min<int64_t>(16, g / 8));
-
-  // Check that the table of a one-warp CTA (32 rows) fits before launching anything.
-  if (absmax_table_bytes(32, K, log2_block) > kMaxAbsmaxSmem) return false;
+  const int vec = static_cast<int>(std::min<int64_t>(8, g / 8));  // 16 spills registers
 
   const int64_t elem = A2.element_size();
   for (int64_t m0 = 0; m0 < M; m0 += 32) {
-    const int m = static_cast<int>(std::min<int64_t>(32, M - m0));
-    const int nt = m <= 8 ? 1 : m <= 16 ? 2 : 4;
-    const int64_t rw = nt == 4 ? rows_per_warp<4>() : rows_per_warp<1>();
-    // Few n-tiles are bound by the weight stream: small CTAs (one or two warps of rows) balance best; two
-    // warps of rows once that still gives a CTA per SM (measured: 4096x14336 0.0246 ms against 0.0284 with
-    // one, 4096x4096 0.0152 against 0.0113). Four n-tiles read 8x more activations per weight byte: more rows
-    // share them, while still filling the SMs.
-    int wr = nt <= 2 && ceil_div(N, rw * 2) >= sms ? 2 : 1;
-    if (nt == 4) {
-      for (int cand : {8, 4, 2}) {
-        if (ceil_div(N, rw * cand) * 5 >= sms * 4) {
-          wr = cand;
-          break;
-        }
-      }
-    }
-    if (forced_wr() != 0) wr = forced_wr();
-    while (wr > 1 && absmax_table_bytes(rw * wr, K, log2_block) > kMaxAbsmaxSmem) wr /= 2;
-    p.wr = wr;
-    p.m = m;
+    p.m = static_cast<int>(std::min<int64_t>(32, M - m0));
     p.A = static_cast<const char*>(A2.data_ptr()) + m0 * K * elem;
     p.out = static_cast<char*>(out2.data_ptr()) + m0 * N * elem;
-    const int64_t table = absmax_table_bytes(rw * wr, K, log2_block);
-    const int64_t red = (kGemvWarps / wr > 1) ? int64_t(kGemvThreads) * (rw / 16) * nt * 4 * 4 : 0;
-    const int64_t smem = std::max(table, red);
-    const int grid = static_cast<int>(ceil_div(N, rw * wr));
     dispatch_float(A2.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
+      } else if (p.m <= 8) {
+        launch_gemv_vec<scalar_t, 1>(p, vec);
+      } else if (p.m <= 16) {
+        launch_gemv_vec<scalar_t, 2>(p, vec);
       } else {
-        switch (nt) {
-          case 1: launch_gemv_vec<scalar_t, 1>(p, vec, grid, smem); break;
-          case 2: launch_gemv_vec<scalar_t, 2>(p, vec, grid, smem); break;
-          default: launch_gemv_vec<scalar_t, 4>(p, vec, grid, smem); break;
-        }
+        launch_gemv_vec<scalar_t, 4>(p, vec);
       }
     });
   }

@@ -140,11 +140,12 @@ inline int multiprocessor_count() {
 }
 
 // Persistent grid: as many CTAs as fit on the device at once, but no more than there is work for.
+// `smem`: the kernel's dynamic shared memory, the same at every launch of this Kernel.
 template <auto Kernel>
-inline int persistent_grid(int threads, int64_t work_ctas) {
-  static int per_sm = [threads] {
+inline int persistent_grid(int threads, int64_t work_ctas, int64_t smem = 0) {
+  static int per_sm = [threads, smem] {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, static_cast<size_t>(smem)));
     return n > 0 ? n : 1;
   }();
   const int64_t sms = multiprocessor_count();
