@@ -3,25 +3,30 @@
 //
 // Few rows of A (m <= fused_max_m(), default 32, fp16/bf16, K % 32 == 0): one fused kernel that streams the
 // packed weight once and multiplies on the tensor cores (mma.sync m16n8k16, float32 accumulation).
-//   - Weight rows are the MMA's M dimension, rows of A its N dimension (8 per n-tile, zero-padded; more than
-//     32 rows run in launches of 32).
+//   - Weight rows are the MMA's M dimension (16 a warp: lane g of a quad group takes rows g and g + 8), rows of
+//     A its N dimension (8 per n-tile; rows past m repeat row m - 1, whose output columns are never stored;
+//     more than 32 rows run in launches of 32).
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
-//     consecutive k); the table has one copy per lane, each in its own bank, so lookups never conflict.
+//     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
+//     PRMT of the packed word and the lane offset forms the address: a lookup is one PRMT and one LDS.
 //   - The dot product over k is order-free, so each thread takes consecutive bytes of its rows and the
 //     activations at the same k (raw 32-bit words are B-fragment registers): a lane of quad t reads VEC bytes
 //     at byte t * VEC of a 4 * VEC-byte "round", which lies inside one quantization block
-//     (VEC = min(16, gcd(K, blocksize) / 8)); the MMAs of a round accumulate code * a into a temporary that is
+//     (VEC = min(8, gcd(K, blocksize) / 8)); the MMAs of a round accumulate code * a into a temporary that is
 //     scaled by the block's float32 absmax once per round.
-//   - The (double-quantized) absmax of the CTA's rows is decoded once into shared memory at the start, as
-//     the reference does it: nested_code[q] * nested_absmax[b / nested_blocksize] + offset, each operation
-//     rounded in float32 (no FMA contraction).
-//   - A CTA is 8 warps: WR warps along rows (32 rows each) times WK = 8 / WR warps along k (split-K, summed
-//     through shared memory at the end). Bias is added in float32 before the final rounding.
+//   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
+//     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
+//     decodes one of the iteration's four (two rounds x two rows) and shuffles share them.
+//   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m <= 8 the
+//     activations); full iterations run without predicates, K % (16 VEC) adds one round at the end.
+//   - A CTA is 8 warps: WR warps along rows times WK = 8 / WR warps along k (split-K, summed through shared
+//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of 16 WR rows; WR is chosen
+//     for the most even spread of tiles over the CTAs. Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
-// Larger m, fp32 A, K % 32 != 0 or an absmax table too large for shared memory: dequantize into A's dtype
-// with lowbit::dequantize_4bit (the fast kernel of quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
+// Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
+// quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
 // kernel runs, in launches of 32) and TORCHLOWBIT_GEMM4BIT_WR (warps along rows of a CTA: 1, 2, 4, 8).
 #include "lowbit_quantize.h"

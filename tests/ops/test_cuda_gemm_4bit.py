@@ -111,12 +111,22 @@ def test_cuda_runs_native_kernel():
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_float64(dtype, quant_type, nested, m):
-    # (out, in): several row groups with a partial last one; in = 320 gives 8-byte rounds, 96 4-byte rounds
-    # (gcd with the blocksize), 1024 16-byte rounds with several iterations; 300 is not a multiple of 32.
+    # (out, in): several row groups with a partial last one; in = 320 gives 8-byte rounds and a last round past
+    # the whole iterations, 96 4-byte rounds (gcd with the blocksize), 1024 several iterations; 300 is not a
+    # multiple of 32.
     for i, shape in enumerate([(200, 320), (77, 96), (33, 1024), (40, 300)]):
         packed, absmax, extra = _weight(shape, 64, torch.uint8, nested, seed=17 * m + i)
         A = _activations((m, shape[1]), dtype, seed=m + 100 * i)
         _check(A, packed, absmax, 64, quant_type, shape, **extra)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_more_row_tiles_than_ctas(m):
+    # 20008 rows make several row tiles (16 rows times 1-8 warps) a CTA of the persistent grid on current GPUs
+    # (an H200 fits 264 CTAs), so CTAs loop over tiles; the last tile is partial.
+    shape = (20008, 192)
+    packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=m)
+    _check(_activations((m, shape[1]), torch.bfloat16, seed=m), packed, absmax, 64, "nf4", shape, **extra)
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 4096])
