@@ -101,13 +101,6 @@ struct Mma<at::Half> {
 };
 
 // Streaming loads of the packed weight (read once: no L1 allocation).
-__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 __device__ __forceinline__ uint2 load_stream8(const uint8_t* p) {
   uint2 v;
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -138,13 +131,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
-// VEC bytes of a packed row as VEC / 4 words.
+// VEC bytes (8 or 4) of a packed row as VEC / 4 words.
 template <int VEC>
 __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC / 4]) {
-  if constexpr (VEC == 16) {
-    const uint4 v = load_stream16(p);
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (VEC == 8) {
+  if constexpr (VEC == 8) {
     const uint2 v = load_stream8(p);
     w[0] = v.x, w[1] = v.y;
   } else {
@@ -308,11 +298,12 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
       for (int u = 0; u < kRounds; ++u) {
 #pragma unroll
         for (int q = 0; q < W; ++q) wc[0][u][q] = wn[0][u][q], wc[1][u][q] = wn[1][u][q];
+        if constexpr (kPrefetchX) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int q = 0; q < VEC; ++q)
-            if constexpr (kPrefetchX) xc[u][j][q] = xn[u][j][q];
+            for (int q = 0; q < VEC; ++q) xc[u][j][q] = xn[u][j][q];
+        }
       }
       qc = qn, sc = sn;
       pw0 += step_bytes, pw1 += step_bytes, e += step_elems;
