@@ -42,7 +42,6 @@ namespace {
 
 constexpr int kGemvThreads = 256;  // 8 warps
 constexpr int kGemvWarps = kGemvThreads / 32;
-constexpr int kRounds = 2;             // rounds a warp iteration (double-buffered as a whole)
 constexpr int kTableBytes = 256 * 256;  // byte table: entry b at 256 * b, lane l's copy at + 4 * l
 constexpr int kFusedMaxMDefault = 32;  // measured crossover with dequantize + cuBLAS: 32-64 rows
 
@@ -142,17 +141,27 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC /
   }
 }
 
-// NT: n-tiles of 8 rows of A; VEC: bytes a lane reads from each of its two rows per round.
-template <typename T, int NT, int VEC>
+// NT: n-tiles of 8 rows of A; VEC: bytes a lane reads from each of its two rows per round; S: k-segments a row
+// is split into (the MMA rows and columns that meet on the diagonal of segment s make the useful products).
+template <typename T, int NT, int VEC, int S>
 __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvParams p) {
+  static_assert(S == 1 || NT == 1, "k-segments use the n-tile's columns");
   constexpr int W = VEC / 4;
-  constexpr int kRoundElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
+  // Rounds an iteration (double-buffered as a whole): k-segments run VEC = 4 and four rounds, so that a lane's
+  // activations of a round are one 16-byte load and the warp's load one contiguous span.
+  constexpr int kRounds = S > 1 ? 4 : 2;
+  constexpr int kAbs = kRounds / 2;  // absmax decoded a lane an iteration
+  constexpr int kQuadElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
+  constexpr int kRoundElems = S * kQuadElems;
+  constexpr int kRoundBytes = kRoundElems / 2;
   constexpr int kIterElems = kRounds * kRoundElems;
   constexpr int kIterBytes = kIterElems / 2;
+  constexpr int kWarpRows = 16 / S;        // weight rows of a warp: MMA row g is row g / S, segment g % S
+  constexpr int kRowsA = NT * 8 / S;       // rows of A of a launch: MMA column n is row n / S, segment n % S
   constexpr bool kPrefetchX = NT == 1;  // activations an iteration ahead too (more n-tiles: no registers left)
   extern __shared__ __align__(16) unsigned char smem[];
   float* s_ncode = reinterpret_cast<float*>(smem + kTableBytes);
-  float* s_red = s_ncode + 256;  // split-K partial sums: [warp][NT * 4][lane]
+  float* s_red = s_ncode + 256;  // fragments: [warp][NT * 4][lane]
 
   {  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
     const int b = threadIdx.x;
@@ -168,36 +177,80 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2, t = lane & 3, seg = g % S;
   const int wr = p.wr, wk = kGemvWarps / wr, wr_idx = warp % wr, wk_idx = warp / wr;
   const int K = p.K, N = p.N, L = p.log2_block;
   const int64_t row_bytes = K >> 1;
   const int n_full = K / kIterElems;
+  const int rem = K - n_full * kIterElems;  // a multiple of kQuadElems
   const uint32_t lane4 = 4 * lane;
   const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
 
   // Rows of A past m repeat row m - 1: they only feed output columns that are never stored.
   const T* arow[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) arow[j] = static_cast<const T*>(p.A) + int64_t(min(8 * j + g, p.m - 1)) * K + 2 * VEC * t;
+  for (int j = 0; j < NT; ++j) {
+    arow[j] = static_cast<const T*>(p.A) + int64_t(min(8 * j + g / S, p.m - 1)) * K + seg * kQuadElems + 2 * VEC * t;
+  }
 
   for (int tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
-    const int64_t rg = int64_t(tile) * 16 * wr + wr_idx * 16 + g;  // this thread's rows: rg and rg + 8
-    const uint8_t* w0 = p.packed + min(rg, int64_t(N) - 1) * row_bytes + t * VEC;
-    const uint8_t* w1 = p.packed + min(rg + 8, int64_t(N) - 1) * row_bytes + t * VEC;
-    // Each lane of a quad decodes one absmax of an iteration (round t >> 1, row t & 1); shuffles share them.
-    const int64_t e_mine = min(rg + 8 * (t & 1), int64_t(N) - 1) * K + (t >> 1) * kRoundElems;
+    const int64_t row_base = int64_t(tile) * kWarpRows * wr + wr_idx * kWarpRows;
+    const int64_t r0 = row_base + g / S, r1 = r0 + 8 / S;  // this thread's rows (MMA rows g and g + 8)
+    const int lane_byte = seg * 4 * VEC + t * VEC;
+    const uint8_t* w0 = p.packed + min(r0, int64_t(N) - 1) * row_bytes + lane_byte;
+    const uint8_t* w1 = p.packed + min(r1, int64_t(N) - 1) * row_bytes + lane_byte;
+    // The quad's lanes decode the absmax of an iteration, lane t those of row t & 1 and rounds (t >> 1) + 2 h;
+    // shuffles share them. Blocks are counted from the row's first one, so that offsets in the loop are 32-bit.
+    auto mine_k = [&](int h) { return ((t >> 1) + 2 * h) * kRoundElems + seg * kQuadElems; };
+    const int64_t row_e = min((t & 1) ? r1 : r0, int64_t(N) - 1) * K;
+    const int64_t row_blk = row_e >> L, row_nblk = row_blk >> p.log2_nested;
+    const int row_rem = static_cast<int>(row_e - (row_blk << L));
+    const int row_nrem = static_cast<int>(row_blk - (row_nblk << p.log2_nested));
+    const uint8_t* q_row = p.nested ? p.absmax_q + row_blk : nullptr;
+    const float* s_row = p.nested ? p.nested_absmax + row_nblk : p.absmax + row_blk;
+    const int pf_offset = (seg * 4 + t) * (kRounds - 1) * VEC;  // lanes of a row prefetch its iteration span
 
-    // The raw absmax of element e: the uint8 code and its nested scale, or the float32 absmax.
-    auto load_absmax = [&](int64_t e, uint32_t& q, float& s) {
-      const int64_t blk = e >> L;
+    // An iteration's operands: weight words of the two rows, activations, raw absmax (uint8 code and nested
+    // scale, or the float32 absmax).
+    struct Stage {
+      uint32_t w[2][kRounds][W];
+      uint32_t x[kRounds][NT][VEC];
+      uint32_t q[kAbs];
+      float s[kAbs];
+    };
+    // Absmax h of the iteration at element k of the row.
+    auto load_absmax = [&](int k, int h, Stage& st) {
+      const int b = (row_rem + k + mine_k(h)) >> L;
       if (p.nested) {
-        q = __ldg(p.absmax_q + blk);
-        s = __ldg(p.nested_absmax + (blk >> p.log2_nested));
+        st.q[h] = __ldg(q_row + b);
+        st.s[h] = __ldg(s_row + ((row_nrem + b) >> p.log2_nested));
       } else {
-        s = __ldg(p.absmax + blk);
+        st.s[h] = __ldg(s_row + b);
       }
     };
+    auto load_x = [&](int k, int u, Stage& st) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(arow[j] + k + u * kRoundElems) + q);
+          st.x[u][j][4 * q] = v.x, st.x[u][j][4 * q + 1] = v.y, st.x[u][j][4 * q + 2] = v.z, st.x[u][j][4 * q + 3] = v.w;
+        }
+    };
+    auto load_round = [&](int k, int u, Stage& st) {
+      load_bytes<VEC>(w0 + (k >> 1) + u * kRoundBytes, st.w[0][u]);
+      load_bytes<VEC>(w1 + (k >> 1) + u * kRoundBytes, st.w[1][u]);
+    };
+    auto load_stage = [&](int k, Stage& st) {
+#pragma unroll
+      for (int u = 0; u < kRounds; ++u) {
+        load_round(k, u, st);
+        if constexpr (kPrefetchX) load_x(k, u, st);
+      }
+#pragma unroll
+      for (int h = 0; h < kAbs; ++h) load_absmax(k, h, st);
+    };
+
     // As the reference decodes it: code * nested_absmax + offset, each operation rounded (no FMA).
     auto decode_absmax = [&](uint32_t q, float s) { return p.nested ? __fadd_rn(__fmul_rn(s_ncode[q], s), offset) : s; };
 
@@ -207,7 +260,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
 
-    // One round: the bytes b0 (row rg), b1 (row rg + 8) times the activations x (this lane's 2 * VEC elements of
+    // One round: the bytes b0 (row r0), b1 (row r1) times the activations x (this lane's 2 * VEC elements of
     // each n-tile's row), MMAs into a temporary, then times the block's absmax (held by lanes src and src + 1 of the quad).
     auto round = [&](const uint32_t (&b0)[W], const uint32_t (&b1)[W], const uint32_t (&x)[NT][VEC], float am, int src) {
       float tmp[NT][4];
@@ -235,127 +288,106 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
       }
     };
 
-    // Full iterations, the next one's weights and absmax loaded while this one multiplies; running pointers
-    // (a warp's iterations are wk apart).
-    const int64_t step_bytes = int64_t(wk) * kIterBytes;
-    const int step_elems = wk * kIterElems;
-    int it = wk_idx;
-    const uint8_t* pw0 = w0 + int64_t(it) * kIterBytes;
-    const uint8_t* pw1 = w1 + int64_t(it) * kIterBytes;
-    const T* pa[NT];
+    auto multiply = [&](Stage& st, int rounds) {
+      float am[kAbs];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) pa[j] = arow[j] + it * kIterElems;
-    int64_t e = e_mine + int64_t(it) * kIterElems;
-    uint32_t wc[2][kRounds][W];
-    uint32_t qc = 0;
-    float sc = 0.0f;
-    uint32_t xc[kRounds][NT][VEC];
-    auto load_w = [&](const uint8_t* q0, const uint8_t* q1, uint32_t (&w)[2][kRounds][W]) {
+      for (int h = 0; h < kAbs; ++h) am[h] = decode_absmax(st.q[h], st.s[h]);
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
-        load_bytes<VEC>(q0 + u * 4 * VEC, w[0][u]);
-        load_bytes<VEC>(q1 + u * 4 * VEC, w[1][u]);
+        if (u < rounds) round(st.w[0][u], st.w[1][u], st.x[u], am[u >> 1], 2 * (u & 1));
       }
     };
-    // The activations of `rounds` rounds from element offset `k` of the lanes' rows.
-    auto load_x = [&](int k, int rounds, uint32_t (&x)[kRounds][NT][VEC]) {
+
+    // Full iterations (a warp's are wk apart, k their first element in the row), the next one's operands loaded
+    // while this one multiplies; two a trip, so that the stages alternate without copies.
+    const int step = wk * kIterElems, k_full = n_full * kIterElems;
+    int k = wk_idx * kIterElems;
+    Stage sa, sb;
+    if (k < k_full) load_stage(k, sa);
+    auto advance = [&](Stage& cur, Stage& next) {
+      if (k + step < k_full) {
+        load_stage(k + step, next);
+        if (k + 2 * step < k_full) {
+          prefetch_l2(w0 + ((k + 2 * step) >> 1) + pf_offset);
+          prefetch_l2(w1 + ((k + 2 * step) >> 1) + pf_offset);
+        }
+      }
+      if constexpr (!kPrefetchX) {
+#pragma unroll
+        for (int u = 0; u < kRounds; ++u) load_x(k, u, cur);
+      }
+      multiply(cur, kRounds);
+      k += step;
+    };
+    while (k < k_full) {
+      advance(sa, sb);
+      if (k >= k_full) break;
+      advance(sb, sa);
+    }
+    // The rest of K (rem elements, less than an iteration): the warp whose next iteration it would be. A quad
+    // past K multiplies zero activations (its bytes and absmax stay zero).
+    if (k == k_full && rem > 0) {
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
-        if (u >= rounds) break;
+#pragma unroll
+        for (int q = 0; q < W; ++q) sa.w[0][u][q] = sa.w[1][u][q] = 0;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int q = 0; q < W; ++q) {
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(pa[j] + k + u * kRoundElems) + q);
-            x[u][j][4 * q] = v.x, x[u][j][4 * q + 1] = v.y, x[u][j][4 * q + 2] = v.z, x[u][j][4 * q + 3] = v.w;
-          }
-      }
-    };
-    if (it < n_full) {
-      load_w(pw0, pw1, wc);
-      if constexpr (kPrefetchX) load_x(0, kRounds, xc);
-      load_absmax(e, qc, sc);
-    }
-    for (; it < n_full; it += wk) {
-      uint32_t wn[2][kRounds][W];
-      uint32_t xn[kRounds][NT][VEC];
-      uint32_t qn = 0;
-      float sn = 0.0f;
-      if (it + wk < n_full) {
-        load_w(pw0 + step_bytes, pw1 + step_bytes, wn);
-        if constexpr (kPrefetchX) load_x(step_elems, kRounds, xn);
-        load_absmax(e + step_elems, qn, sn);
-        if (it + 2 * wk < n_full) {  // lane t at byte 16 t of the quad's span: every sector of it
-          prefetch_l2(pw0 + 2 * step_bytes + t * (16 - VEC));
-          prefetch_l2(pw1 + 2 * step_bytes + t * (16 - VEC));
+          for (int q = 0; q < VEC; ++q) sa.x[u][j][q] = 0;
+        if (u * kRoundElems + seg * kQuadElems < rem) {
+          load_round(k, u, sa);
+          load_x(k, u, sa);
         }
       }
-      if constexpr (!kPrefetchX) load_x(0, kRounds, xc);
-      const float am = decode_absmax(qc, sc);
 #pragma unroll
-      for (int u = 0; u < kRounds; ++u) round(wc[0][u], wc[1][u], xc[u], am, 2 * u);
-#pragma unroll
-      for (int u = 0; u < kRounds; ++u) {
-#pragma unroll
-        for (int q = 0; q < W; ++q) wc[0][u][q] = wn[0][u][q], wc[1][u][q] = wn[1][u][q];
-        if constexpr (kPrefetchX) {
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int q = 0; q < VEC; ++q) xc[u][j][q] = xn[u][j][q];
-        }
+      for (int h = 0; h < kAbs; ++h) {
+        sa.q[h] = 0, sa.s[h] = 0.0f;
+        if (mine_k(h) < rem) load_absmax(k, h, sa);
       }
-      qc = qn, sc = sn;
-      pw0 += step_bytes, pw1 += step_bytes, e += step_elems;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) pa[j] += step_elems;
-    }
-    // The last round when K is not a whole number of iterations (K % kIterElems == kRoundElems): the warp
-    // whose next iteration it would be, its pointers already there.
-    if (it == n_full && n_full * kIterElems < K) {
-      uint32_t b0[W], b1[W];
-      load_bytes<VEC>(pw0, b0);
-      load_bytes<VEC>(pw1, b1);
-      uint32_t q = 0;
-      float s = 0.0f;
-      if (t < 2) load_absmax(e, q, s);
-      load_x(0, 1, xc);
-      round(b0, b1, xc[0], decode_absmax(q, s), 0);
+      multiply(sa, (rem + kRoundElems - 1) / kRoundElems);
     }
 
     // Split-K: the wk warps of a row group sum their fragments through shared memory.
+    float* mine = s_red + warp * NT * 4 * 32;
     if (wk > 1) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) s_red[(warp * NT * 4 + j * 4 + c) * 32 + lane] = acc[j][c];
+        for (int c = 0; c < 4; ++c) mine[(j * 4 + c) * 32 + lane] = acc[j][c];
       __syncthreads();
       if (wk_idx == 0) {
         for (int kk = 1; kk < wk; ++kk) {
-          const int src = kk * wr + wr_idx;
+          const float* other = s_red + (kk * wr + wr_idx) * NT * 4 * 32;
 #pragma unroll
           for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[j][c] += s_red[(src * NT * 4 + j * 4 + c) * 32 + lane];
+            for (int c = 0; c < 4; ++c) acc[j][c] += other[(j * 4 + c) * 32 + lane];
         }
       }
     }
-    // Epilogue: c0, c1 are (row rg, n 2t, 2t + 1), c2, c3 the same n at row rg + 8.
+    // Epilogue: output (row row_base + r, row a of A) sums the fragment elements of its S segments, in order.
+    // Fragment element (MMA row G, column n) of n-tile j is c = 2 (G >= 8) + (n & 1) of lane 4 (G % 8) + n / 2.
     if (wk_idx == 0) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) mine[(j * 4 + c) * 32 + lane] = acc[j][c];
+      __syncwarp();
       T* out = static_cast<T*>(p.out);
+      for (int o = lane; o < kWarpRows * kRowsA; o += 32) {
+        const int r = o % kWarpRows, a = o / kWarpRows, j = a / (8 / S);
+        const int64_t row = row_base + r;
+        if (row >= N || a >= p.m) continue;
+        float sum = 0.0f;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row = rg + 8 * h;
-        if (row >= N) continue;
-        const float bias = load_bias(p.bias, p.bias_kind, row);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int n = 8 * j + 2 * t + e;
-            if (n < p.m) Elem<T>::store1(out + n * p.ldo + row, __fadd_rn(acc[j][2 * h + e], bias));
-          }
+        for (int s = 0; s < S; ++s) {
+          const int G = (r % (8 / S)) * S + s, n = (a % (8 / S)) * S + s;
+          sum += mine[(j * 4 + 2 * (r / (8 / S)) + (n & 1)) * 32 + 4 * G + (n >> 1)];
+        }
+        Elem<T>::store1(out + a * p.ldo + row, __fadd_rn(sum, load_bias(p.bias, p.bias_kind, row)));
       }
+      __syncwarp();  // the fragments are rewritten by the next tile
     }
     if (wk > 1) __syncthreads();  // s_red is reused by the next tile
   }
@@ -393,22 +425,22 @@ constexpr int64_t gemv_smem_bytes() {
   return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * NT * 4 * 4;
 }
 
-// Warps along rows (16 rows each) of a CTA: the most even spread of row tiles over the CTAs that fit at once,
-// larger tiles (less split-K) among equals.
-int choose_wr(int64_t N, int64_t slots) {
+// Warps along rows (warp_rows rows each) of a CTA: the most even spread of row tiles over the CTAs that fit at
+// once, larger tiles (less split-K) among equals.
+int choose_wr(int64_t N, int64_t warp_rows, int64_t slots) {
   int best = 1;
   double best_eff = 0.0;
   for (int wr : {8, 4, 2, 1}) {
-    const int64_t tiles = ceil_div(N, int64_t(16) * wr);
+    const int64_t tiles = ceil_div(N, warp_rows * wr);
     const double eff = double(tiles) / double(ceil_div(tiles, slots) * slots);
     if (eff > best_eff + 0.02) best = wr, best_eff = eff;
   }
   return best;
 }
 
-template <typename T, int NT, int VEC>
+template <typename T, int NT, int VEC, int S>
 void launch_gemv(GemvParams p) {
-  auto kernel = gemv_4bit_kernel<T, NT, VEC>;
+  auto kernel = gemv_4bit_kernel<T, NT, VEC, S>;
   constexpr int64_t smem = gemv_smem_bytes<NT>();
   static bool configured[64] = {false};  // the 64 KB table needs the opt-in shared-memory limit, once per device
   const int device = c10::cuda::current_device();
@@ -417,9 +449,9 @@ void launch_gemv(GemvParams p) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured[device] = true;
   }
-  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, VEC>>(kGemvThreads, INT64_MAX, smem);
-  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, slots);
-  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), int64_t(16) * p.wr));
+  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, VEC, S>>(kGemvThreads, INT64_MAX, smem);
+  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, 16 / S, slots);
+  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), int64_t(16 / S) * p.wr));
   const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
   kernel<<<grid, kGemvThreads, smem, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -428,8 +460,8 @@ void launch_gemv(GemvParams p) {
 template <typename T, int NT>
 void launch_gemv_vec(const GemvParams& p, int vec) {
   switch (vec) {
-    case 8: launch_gemv<T, NT, 8>(p); break;
-    default: launch_gemv<T, NT, 4>(p); break;
+    case 8: launch_gemv<T, NT, 8, 1>(p); break;
+    default: launch_gemv<T, NT, 4, 1>(p); break;
   }
 }
 
@@ -474,6 +506,12 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
       using scalar_t = decltype(tag);
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
+      } else if (p.m == 1) {
+        launch_gemv<scalar_t, 1, 4, 8>(p);
+      } else if (p.m == 2) {
+        launch_gemv<scalar_t, 1, 4, 4>(p);
+      } else if (p.m <= 4) {
+        launch_gemv<scalar_t, 1, 4, 2>(p);
       } else if (p.m <= 8) {
         launch_gemv_vec<scalar_t, 1>(p, vec);
       } else if (p.m <= 16) {

@@ -106,14 +106,15 @@ def test_cuda_runs_native_kernel():
 # Values
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 300])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16, 33, 300])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_float64(dtype, quant_type, nested, m):
-    # (out, in): several row groups with a partial last one; in = 320 gives 8-byte rounds and a last round past
-    # the whole iterations, 96 4-byte rounds (gcd with the blocksize), 1024 several iterations; 300 is not a
-    # multiple of 32.
+    # (out, in): several row groups with a partial last one; in = 320 gives 8-byte quads and a partial last
+    # iteration (m <= 4 splits rows into 2-8 k-segments, some past in), 96 4-byte quads (gcd with the
+    # blocksize), 1024 several iterations; 300 is not a multiple of 32. m = 1, 2, 4 and 7 take 8, 4, 2 and 1
+    # segments.
     for i, shape in enumerate([(200, 320), (77, 96), (33, 1024), (40, 300)]):
         packed, absmax, extra = _weight(shape, 64, torch.uint8, nested, seed=17 * m + i)
         A = _activations((m, shape[1]), dtype, seed=m + 100 * i)
@@ -122,7 +123,7 @@ def test_matches_float64(dtype, quant_type, nested, m):
 
 @pytest.mark.parametrize("m", [1, 20])
 def test_more_row_tiles_than_ctas(m):
-    # 20008 rows make several row tiles (16 rows times 1-8 warps) a CTA of the persistent grid on current GPUs
+    # 20008 rows make several row tiles (2-16 rows times 1-8 warps) a CTA of the persistent grid on current GPUs
     # (an H200 fits 264 CTAs), so CTAs loop over tiles; the last tile is partial.
     shape = (20008, 192)
     packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=m)
