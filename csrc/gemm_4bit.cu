@@ -3,26 +3,32 @@
 //
 // Few rows of A (m <= fused_max_m(), default 32, fp16/bf16, K % 32 == 0): one fused kernel that streams the
 // packed weight once and multiplies on the tensor cores (mma.sync m16n8k16, float32 accumulation).
-//   - Weight rows are the MMA's M dimension (16 a warp: lane g of a quad group takes rows g and g + 8), rows of
-//     A its N dimension (8 per n-tile; rows past m repeat row m - 1, whose output columns are never stored;
-//     more than 32 rows run in launches of 32).
+//   - The MMA's M dimension (lane g of a quad group takes M rows g and g + 8) and N dimension (8 columns an
+//     n-tile) are split between rows and k-segments: with S segments (S = 8, 4, 2 for m = 1, 2, 3-4, else 1)
+//     M row g is weight row g / S and N column n row n / S of A, both at segment g % S (n % S) of the round's
+//     k, so the products of matching segments lie where M row % S == column % S and the epilogue sums them.
+//     A warp takes 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so the warp's
+//     loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past m repeat
+//     row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
 //     PRMT of the packed word and the lane offset forms the address: a lookup is one PRMT and one LDS.
 //   - The dot product over k is order-free, so each thread takes consecutive bytes of its rows and the
-//     activations at the same k (raw 32-bit words are B-fragment registers): a lane of quad t reads VEC bytes
-//     at byte t * VEC of a 4 * VEC-byte "round", which lies inside one quantization block
-//     (VEC = min(8, gcd(K, blocksize) / 8)); the MMAs of a round accumulate code * a into a temporary that is
-//     scaled by the block's float32 absmax once per round.
+//     activations at the same k (raw 32-bit words are B-fragment registers): lane t of quad g reads VEC bytes
+//     at byte ((g % S) * 4 + t) * VEC of a 4 * S * VEC-byte "round"; a quad's 4 * VEC bytes lie inside one
+//     quantization block (VEC = min(8, gcd(K, blocksize) / 8)); the MMAs of a round accumulate code * a into
+//     a temporary that is scaled by the block's float32 absmax once per round.
 //   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
 //     decodes one of the iteration's four (two rounds x two rows) and shuffles share them.
 //   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m <= 8 the
-//     activations); full iterations run without predicates, K % (16 VEC) adds one round at the end.
+//     activations), two stages that alternate; full iterations run without predicates, and the rest of K
+//     (a multiple of 4 VEC bytes) one predicated iteration at the end.
 //   - A CTA is 8 warps: WR warps along rows times WK = 8 / WR warps along k (split-K, summed through shared
-//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of 16 WR rows; WR is chosen
-//     for the most even spread of tiles over the CTAs. Bias is added in float32 before the final rounding.
+//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of 16 / S * WR rows; WR is
+//     the largest with a nearly even spread of tiles over the CTAs (split-K costs more than a few idle CTAs).
+//     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
 // Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
@@ -126,10 +132,6 @@ __device__ __forceinline__ uint32_t table_offset(uint32_t w, int b, uint32_t lan
   return __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4));
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
 // VEC bytes (8 or 4) of a packed row as VEC / 4 words.
 template <int VEC>
 __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC / 4]) {
@@ -147,10 +149,7 @@ template <typename T, int NT, int VEC, int S>
 __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvParams p) {
   static_assert(S == 1 || NT == 1, "k-segments use the n-tile's columns");
   constexpr int W = VEC / 4;
-  // Rounds an iteration (double-buffered as a whole): k-segments run VEC = 4 and four rounds, so that a lane's
-  // activations of a round are one 16-byte load and the warp's load one contiguous span.
-  constexpr int kRounds = S > 1 ? 4 : 2;
-  constexpr int kAbs = kRounds / 2;  // absmax decoded a lane an iteration
+  constexpr int kRounds = 2;  // rounds an iteration (its operands are loaded as a whole, an iteration ahead)
   constexpr int kQuadElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
   constexpr int kRoundElems = S * kQuadElems;
   constexpr int kRoundBytes = kRoundElems / 2;
@@ -199,33 +198,32 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
     const int lane_byte = seg * 4 * VEC + t * VEC;
     const uint8_t* w0 = p.packed + min(r0, int64_t(N) - 1) * row_bytes + lane_byte;
     const uint8_t* w1 = p.packed + min(r1, int64_t(N) - 1) * row_bytes + lane_byte;
-    // The quad's lanes decode the absmax of an iteration, lane t those of row t & 1 and rounds (t >> 1) + 2 h;
-    // shuffles share them. Blocks are counted from the row's first one, so that offsets in the loop are 32-bit.
-    auto mine_k = [&](int h) { return ((t >> 1) + 2 * h) * kRoundElems + seg * kQuadElems; };
+    // Each lane of a quad decodes one absmax of an iteration (round t >> 1, row t & 1); shuffles share them.
+    // Blocks are counted from the row's first one, so that offsets in the loop are 32-bit.
+    const int mine_k = (t >> 1) * kRoundElems + seg * kQuadElems;
     const int64_t row_e = min((t & 1) ? r1 : r0, int64_t(N) - 1) * K;
     const int64_t row_blk = row_e >> L, row_nblk = row_blk >> p.log2_nested;
     const int row_rem = static_cast<int>(row_e - (row_blk << L));
     const int row_nrem = static_cast<int>(row_blk - (row_nblk << p.log2_nested));
     const uint8_t* q_row = p.nested ? p.absmax_q + row_blk : nullptr;
     const float* s_row = p.nested ? p.nested_absmax + row_nblk : p.absmax + row_blk;
-    const int pf_offset = (seg * 4 + t) * (kRounds - 1) * VEC;  // lanes of a row prefetch its iteration span
 
     // An iteration's operands: weight words of the two rows, activations, raw absmax (uint8 code and nested
     // scale, or the float32 absmax).
     struct Stage {
       uint32_t w[2][kRounds][W];
       uint32_t x[kRounds][NT][VEC];
-      uint32_t q[kAbs];
-      float s[kAbs];
+      uint32_t q;
+      float s;
     };
-    // Absmax h of the iteration at element k of the row.
-    auto load_absmax = [&](int k, int h, Stage& st) {
-      const int b = (row_rem + k + mine_k(h)) >> L;
+    // This lane's absmax of the iteration at element k of the row.
+    auto load_absmax = [&](int k, Stage& st) {
+      const int b = (row_rem + k + mine_k) >> L;
       if (p.nested) {
-        st.q[h] = __ldg(q_row + b);
-        st.s[h] = __ldg(s_row + ((row_nrem + b) >> p.log2_nested));
+        st.q = __ldg(q_row + b);
+        st.s = __ldg(s_row + ((row_nrem + b) >> p.log2_nested));
       } else {
-        st.s[h] = __ldg(s_row + b);
+        st.s = __ldg(s_row + b);
       }
     };
     auto load_x = [&](int k, int u, Stage& st) {
@@ -247,8 +245,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
         load_round(k, u, st);
         if constexpr (kPrefetchX) load_x(k, u, st);
       }
-#pragma unroll
-      for (int h = 0; h < kAbs; ++h) load_absmax(k, h, st);
+      load_absmax(k, st);
     };
 
     // As the reference decodes it: code * nested_absmax + offset, each operation rounded (no FMA).
@@ -289,12 +286,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
     };
 
     auto multiply = [&](Stage& st, int rounds) {
-      float am[kAbs];
-#pragma unroll
-      for (int h = 0; h < kAbs; ++h) am[h] = decode_absmax(st.q[h], st.s[h]);
+      const float am = decode_absmax(st.q, st.s);
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
-        if (u < rounds) round(st.w[0][u], st.w[1][u], st.x[u], am[u >> 1], 2 * (u & 1));
+        if (u < rounds) round(st.w[0][u], st.w[1][u], st.x[u], am, 2 * u);
       }
     };
 
@@ -305,13 +300,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
     Stage sa, sb;
     if (k < k_full) load_stage(k, sa);
     auto advance = [&](Stage& cur, Stage& next) {
-      if (k + step < k_full) {
-        load_stage(k + step, next);
-        if (k + 2 * step < k_full) {
-          prefetch_l2(w0 + ((k + 2 * step) >> 1) + pf_offset);
-          prefetch_l2(w1 + ((k + 2 * step) >> 1) + pf_offset);
-        }
-      }
+      if (k + step < k_full) load_stage(k + step, next);
       if constexpr (!kPrefetchX) {
 #pragma unroll
         for (int u = 0; u < kRounds; ++u) load_x(k, u, cur);
@@ -340,11 +329,8 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
           load_x(k, u, sa);
         }
       }
-#pragma unroll
-      for (int h = 0; h < kAbs; ++h) {
-        sa.q[h] = 0, sa.s[h] = 0.0f;
-        if (mine_k(h) < rem) load_absmax(k, h, sa);
-      }
+      sa.q = 0, sa.s = 0.0f;
+      if (mine_k < rem) load_absmax(k, sa);
       multiply(sa, (rem + kRoundElems - 1) / kRoundElems);
     }
 
@@ -425,15 +411,15 @@ constexpr int64_t gemv_smem_bytes() {
   return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * NT * 4 * 4;
 }
 
-// Warps along rows (warp_rows rows each) of a CTA: the most even spread of row tiles over the CTAs that fit at
-// once, larger tiles (less split-K) among equals.
+// Warps along rows (warp_rows rows each) of a CTA: the most, unless fewer spread the row tiles over the CTAs
+// that fit at once clearly more evenly (split-K costs more than a few idle CTAs: measured on an H200).
 int choose_wr(int64_t N, int64_t warp_rows, int64_t slots) {
   int best = 1;
   double best_eff = 0.0;
   for (int wr : {8, 4, 2, 1}) {
     const int64_t tiles = ceil_div(N, warp_rows * wr);
     const double eff = double(tiles) / double(ceil_div(tiles, slots) * slots);
-    if (eff > best_eff + 0.02) best = wr, best_eff = eff;
+    if (eff > best_eff + 0.15) best = wr, best_eff = eff;
   }
   return best;
 }
@@ -457,11 +443,11 @@ void launch_gemv(GemvParams p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int S>
 void launch_gemv_vec(const GemvParams& p, int vec) {
   switch (vec) {
-    case 8: launch_gemv<T, NT, 8, 1>(p); break;
-    default: launch_gemv<T, NT, 4, 1>(p); break;
+    case 8: launch_gemv<T, NT, 8, S>(p); break;
+    default: launch_gemv<T, NT, 4, S>(p); break;
   }
 }
 
@@ -507,17 +493,17 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
       } else if (p.m == 1) {
-        launch_gemv<scalar_t, 1, 4, 8>(p);
+        launch_gemv_vec<scalar_t, 1, 8>(p, vec);
       } else if (p.m == 2) {
-        launch_gemv<scalar_t, 1, 4, 4>(p);
+        launch_gemv_vec<scalar_t, 1, 4>(p, vec);
       } else if (p.m <= 4) {
-        launch_gemv<scalar_t, 1, 4, 2>(p);
+        launch_gemv_vec<scalar_t, 1, 2>(p, vec);
       } else if (p.m <= 8) {
-        launch_gemv_vec<scalar_t, 1>(p, vec);
+        launch_gemv_vec<scalar_t, 1, 1>(p, vec);
       } else if (p.m <= 16) {
-        launch_gemv_vec<scalar_t, 2>(p, vec);
+        launch_gemv_vec<scalar_t, 2, 1>(p, vec);
       } else {
-        launch_gemv_vec<scalar_t, 4>(p, vec);
+        launch_gemv_vec<scalar_t, 4, 1>(p, vec);
       }
     });
   }
