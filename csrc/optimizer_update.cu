@@ -339,6 +339,9 @@ constexpr int kMaxTensors32 = 52;
 template <typename T>
 struct Tensors32 : TableBase<kMaxTensors32> {
   using Scalar = T;
+  using State = float;
+  static constexpr int kStateAlign = 16;      // bytes, for vector access
+  static constexpr int64_t kUnitElems = 8;
   T* p[kMaxTensors32];
   const T* g[kMaxTensors32];
   float* s1[kMaxTensors32];
@@ -462,6 +465,9 @@ __device__ __forceinline__ uint2 requantize8(const float (&v)[8], const CodeTabl
 template <typename T>
 struct Tensors8 : TableBase<kMaxTensors8> {
   using Scalar = T;
+  using State = uint8_t;
+  static constexpr int kStateAlign = 8;
+  static constexpr int64_t kUnitElems = kBlock8;
   T* p[kMaxTensors8];
   const T* g[kMaxTensors8];
   uint8_t* s1[kMaxTensors8];
@@ -937,19 +943,41 @@ void in_launches(size_t count, size_t per_launch, const F& f) {
   for (size_t begin = 0; begin < count; begin += per_launch) f(begin, std::min(count, begin + per_launch));
 }
 
+// Writes `it` into the table (its states' type, alignment and unit from the table; blockwise states also their
+// absmax) for the optimizer kind K.
+template <int K, typename Table>
+void add_item(Table& tab, const Item& it) {
+  using T = typename Table::Scalar;
+  using State = typename Table::State;
+  const int i = tab.count;
+  tab.p[i] = it.p.data_ptr<T>();
+  tab.g[i] = it.g.data_ptr<T>();
+  tab.s1[i] = it.s1.data_ptr<State>();
+  tab.s2[i] = has_state2(K) ? it.s2.data_ptr<State>() : nullptr;
+  if constexpr (std::is_same_v<State, uint8_t>) {
+    tab.am1[i] = it.am1.data_ptr<float>();
+    tab.am2[i] = has_state2(K) ? it.am2.data_ptr<float>() : nullptr;
+  }
+  const int64_t n = it.p.numel();
+  constexpr int a = Table::kStateAlign;
+  const bool vec = aligned(tab.p[i], 16) && aligned(tab.g[i], 16) && aligned(tab.s1[i], a) &&
+                   (tab.s2[i] == nullptr || aligned(tab.s2[i], a)) &&
+                   (state1_rows(K) == 1 || n % (a / int(sizeof(State))) == 0);  // the second row aligned too
+  append(tab, n, ceil_div(n, Table::kUnitElems), it.step, vec);
+}
+
 // Runs the updates of `items` (one dtype and device) in launches of as many tensors as a Table holds (one with
-// max_unorm, whose norm pass is per tensor): add(tab, item, kc) writes an item into the table, launch(tab, kc)
-// launches it; T (the table's element type) and K (kc's value) are dispatched from the dtype and the optimizer.
-template <template <typename> class Table, typename Add, typename Launch>
-void run_in_tables(const OptimizerInfo& opt, const std::vector<Item>& items, const Hyper& h, const Add& add,
-                   const Launch& launch) {
+// max_unorm, whose norm pass is per tensor); launch(tab, kc) launches a table, T (the table's Scalar) and K
+// (kc's value) dispatched from the dtype and the optimizer.
+template <template <typename> class Table, typename Launch>
+void run_in_tables(const OptimizerInfo& opt, const std::vector<Item>& items, const Hyper& h, const Launch& launch) {
   if (items.empty()) return;
   dispatch_float(items[0].p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_kind(opt.kind, [&](auto kc) {
       in_launches(items.size(), (h.flags & kClip) ? 1 : Table<T>::kCapacity, [&](size_t begin, size_t end) {
         Table<T> tab{};
-        for (size_t k = begin; k < end; ++k) add(tab, items[k], kc);
+        for (size_t k = begin; k < end; ++k) add_item<decltype(kc)::value>(tab, items[k]);
         launch(tab, kc);
       });
     });
@@ -1001,20 +1029,7 @@ void run32(const OptimizerInfo& opt, const std::vector<Item>& items, const Hyper
   if (items.empty()) return;
   const at::TensorOptions options = items[0].p.options();
   const cudaStream_t stream = current_stream();
-  auto add = [](auto& tab, const Item& it, auto kc) {
-    using T = typename std::decay_t<decltype(tab)>::Scalar;
-    constexpr int K = decltype(kc)::value;
-    const int i = tab.count;
-    tab.p[i] = it.p.data_ptr<T>();
-    tab.g[i] = it.g.data_ptr<T>();
-    tab.s1[i] = it.s1.data_ptr<float>();
-    tab.s2[i] = has_state2(K) ? it.s2.data_ptr<float>() : nullptr;
-    const int64_t n = it.p.numel();
-    const bool vec = aligned(tab.p[i], 16) && aligned(tab.g[i], 16) && aligned(tab.s1[i], 16) &&
-                     (tab.s2[i] == nullptr || aligned(tab.s2[i], 16)) && (state1_rows(K) == 1 || n % 4 == 0);
-    append(tab, n, ceil_div(n, 8), it.step, vec);
-  };
-  run_in_tables<Tensors32>(opt, items, h, add, [&](auto& tab, auto kc) {
+  run_in_tables<Tensors32>(opt, items, h, [&](auto& tab, auto kc) {
     using T = typename std::decay_t<decltype(tab)>::Scalar;
     launch32<T, decltype(kc)::value>(tab, h, options, stream);
   });
@@ -1081,22 +1096,7 @@ void run8(const OptimizerInfo& opt, const std::vector<Item>& items, const at::Te
   l.stage = staging != nullptr && std::string(staging) == "1";
   const at::TensorOptions options = items[0].p.options();
   const cudaStream_t stream = current_stream();
-  auto add = [](auto& tab, const Item& it, auto kc) {
-    using T = typename std::decay_t<decltype(tab)>::Scalar;
-    constexpr int K = decltype(kc)::value;
-    const int i = tab.count;
-    tab.p[i] = it.p.data_ptr<T>();
-    tab.g[i] = it.g.data_ptr<T>();
-    tab.s1[i] = it.s1.data_ptr<uint8_t>();
-    tab.s2[i] = has_state2(K) ? it.s2.data_ptr<uint8_t>() : nullptr;
-    tab.am1[i] = it.am1.data_ptr<float>();
-    tab.am2[i] = has_state2(K) ? it.am2.data_ptr<float>() : nullptr;
-    const int64_t n = it.p.numel();
-    const bool vec = aligned(tab.p[i], 16) && aligned(tab.g[i], 16) && aligned(tab.s1[i], 8) &&
-                     (tab.s2[i] == nullptr || aligned(tab.s2[i], 8)) && (state1_rows(K) == 1 || n % 8 == 0);
-    append(tab, n, ceil_div(n, kBlock8), it.step, vec);
-  };
-  run_in_tables<Tensors8>(opt, items, h, add, [&](auto& tab, auto kc) {
+  run_in_tables<Tensors8>(opt, items, h, [&](auto& tab, auto kc) {
     using T = typename std::decay_t<decltype(tab)>::Scalar;
     launch8<T, decltype(kc)::value>(tab, l, h, options, stream);
   });
