@@ -70,8 +70,8 @@ struct GemvParams {
   int log2_nested;
   const void* bias;
   int bias_kind;  // 0 none, 1 float32, 2 float16, 3 bfloat16
-  int wr;         // warps along rows (16 rows each); 8 / wr along k
-  int n_tiles;    // ceil(N / (16 * wr))
+  int wr;         // warps along rows (16 / S rows each); 8 / wr along k
+  int n_tiles;    // ceil(N / (16 / S * wr))
 };
 
 template <typename T>
@@ -154,7 +154,6 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
   constexpr int kRoundElems = S * kQuadElems;
   constexpr int kRoundBytes = kRoundElems / 2;
   constexpr int kIterElems = kRounds * kRoundElems;
-  constexpr int kIterBytes = kIterElems / 2;
   constexpr int kWarpRows = 16 / S;        // weight rows of a warp: MMA row g is row g / S, segment g % S
   constexpr int kRowsA = NT * 8 / S;       // rows of A of a launch: MMA column n is row n / S, segment n % S
   constexpr bool kPrefetchX = NT == 1;  // activations an iteration ahead too (more n-tiles: no registers left)
