@@ -7,9 +7,12 @@
 //     n-tile) are split between rows and k-segments: with S segments (S = 8, 4, 2 for m = 1, 2, 3-4, else 1)
 //     M row g is weight row g / S and N column n row n / S of A, both at segment g % S (n % S) of the round's
 //     k, so the products of matching segments lie where M row % S == column % S and the epilogue sums them.
-//     A warp takes 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so the warp's
-//     loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past m repeat
-//     row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
+//     A warp takes MT m-tiles of 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so
+//     the warp's loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past
+//     m repeat row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
+//   - m > 8 (2 or 4 n-tiles): MT = 2, so each activation register a warp loads serves two m-tiles. The
+//     activations, read by every warp from L1, were the largest share of the L1 traffic that limits the kernel
+//     (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%); 183-254 registers, one CTA an SM.
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
@@ -21,12 +24,12 @@
 //     a temporary that is scaled by the block's float32 absmax once per round.
 //   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
-//     decodes one of the iteration's four (two rounds x two rows) and shuffles share them.
+//     decodes MT of the iteration's 4 MT (two rounds x 2 MT rows) and shuffles share them.
 //   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m <= 8 the
-//     activations), two stages that alternate; full iterations run without predicates, and the rest of K
-//     (a multiple of 4 VEC bytes) one predicated iteration at the end.
+//     activations; larger m loads them a round at a time), two stages that alternate; full iterations run
+//     without predicates, and the rest of K (a multiple of 4 VEC bytes) one predicated iteration at the end.
 //   - A CTA is 8 warps: WR warps along rows times WK = 8 / WR warps along k (split-K, summed through shared
-//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of 16 / S * WR rows; WR is
+//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of MT * 16 / S * WR rows; WR is
 //     the largest with a nearly even spread of tiles over the CTAs (split-K costs more than a few idle CTAs).
 //     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
@@ -70,8 +73,8 @@ struct GemvParams {
   int log2_nested;
   const void* bias;
   int bias_kind;  // 0 none, 1 float32, 2 float16, 3 bfloat16
-  int wr;         // warps along rows (16 / S rows each); 8 / wr along k
-  int n_tiles;    // ceil(N / (16 / S * wr))
+  int wr;         // warps along rows (MT * 16 / S rows each); 8 / wr along k
+  int n_tiles;    // ceil(N / (MT * 16 / S * wr))
 };
 
 template <typename T>
@@ -143,23 +146,27 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC /
   }
 }
 
-// NT: n-tiles of 8 rows of A; VEC: bytes a lane reads from each of its two rows per round; S: k-segments a row
-// is split into (the MMA rows and columns that meet on the diagonal of segment s make the useful products).
-template <typename T, int NT, int VEC, int S>
-__global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvParams p) {
-  static_assert(S == 1 || NT == 1, "k-segments use the n-tile's columns");
+// NT: n-tiles of 8 rows of A; MT: m-tiles (16 / S weight rows each) a warp, sharing the activations it loads; VEC:
+// bytes a lane reads from each of its rows per round; S: k-segments a row is split into (the MMA rows and columns
+// that meet on the diagonal of segment s make the useful products).
+template <typename T, int NT, int MT, int VEC, int S>
+__global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kernel(const GemvParams p) {
+  static_assert(S == 1 || (NT == 1 && MT == 1), "k-segments use the n-tile's columns");
   constexpr int W = VEC / 4;
   constexpr int kRounds = 2;  // rounds an iteration (its operands are loaded as a whole, an iteration ahead)
+  constexpr int kRows = 2 * MT;  // weight rows of a lane: MMA rows g and g + 8 of each m-tile
   constexpr int kQuadElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
   constexpr int kRoundElems = S * kQuadElems;
   constexpr int kRoundBytes = kRoundElems / 2;
   constexpr int kIterElems = kRounds * kRoundElems;
-  constexpr int kWarpRows = 16 / S;        // weight rows of a warp: MMA row g is row g / S, segment g % S
-  constexpr int kRowsA = NT * 8 / S;       // rows of A of a launch: MMA column n is row n / S, segment n % S
+  constexpr int kTileRows = 16 / S;         // weight rows of an m-tile: MMA row g is row g / S, segment g % S
+  constexpr int kWarpRows = MT * kTileRows;
+  constexpr int kRowsA = NT * 8 / S;        // rows of A of a launch: MMA column n is row n / S, segment n % S
+  constexpr int kLaneAbsmax = kRounds * kRows / 4;  // absmax values a lane of a quad decodes an iteration
   constexpr bool kPrefetchX = NT == 1;  // activations an iteration ahead too (more n-tiles: no registers left)
   extern __shared__ __align__(16) unsigned char smem[];
   float* s_ncode = reinterpret_cast<float*>(smem + kTableBytes);
-  float* s_red = s_ncode + 256;  // fragments: [warp][NT * 4][lane]
+  float* s_red = s_ncode + 256;  // fragments: [warp][MT * NT * 4][lane]
 
   {  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
     const int b = threadIdx.x;
@@ -193,102 +200,137 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
 
   for (int tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
     const int64_t row_base = int64_t(tile) * kWarpRows * wr + wr_idx * kWarpRows;
-    const int64_t r0 = row_base + g / S, r1 = r0 + 8 / S;  // this thread's rows (MMA rows g and g + 8)
-    const int lane_byte = seg * 4 * VEC + t * VEC;
-    const uint8_t* w0 = p.packed + min(r0, int64_t(N) - 1) * row_bytes + lane_byte;
-    const uint8_t* w1 = p.packed + min(r1, int64_t(N) - 1) * row_bytes + lane_byte;
-    // Each lane of a quad decodes one absmax of an iteration (round t >> 1, row t & 1); shuffles share them.
-    // Blocks are counted from the row's first one, so that offsets in the loop are 32-bit.
-    const int mine_k = (t >> 1) * kRoundElems + seg * kQuadElems;
-    const int64_t row_e = min((t & 1) ? r1 : r0, int64_t(N) - 1) * K;
-    const int64_t row_blk = row_e >> L, row_nblk = row_blk >> p.log2_nested;
-    const int row_rem = static_cast<int>(row_e - (row_blk << L));
-    const int row_nrem = static_cast<int>(row_blk - (row_nblk << p.log2_nested));
-    const uint8_t* q_row = p.nested ? p.absmax_q + row_blk : nullptr;
-    const float* s_row = p.nested ? p.nested_absmax + row_nblk : p.absmax + row_blk;
-
-    // An iteration's operands: weight words of the two rows, activations, raw absmax (uint8 code and nested
-    // scale, or the float32 absmax).
-    struct Stage {
-      uint32_t w[2][kRounds][W];
-      uint32_t x[kRounds][NT][VEC];
-      uint32_t q;
-      float s;
+    // This thread's row i (MMA row g + 8 (i & 1) of m-tile i / 2), clamped to the weight.
+    auto lane_row = [&](int i) {
+      return min(row_base + (i >> 1) * kTileRows + (i & 1) * (8 / S) + g / S, int64_t(N) - 1);
     };
-    // This lane's absmax of the iteration at element k of the row.
-    auto load_absmax = [&](int k, Stage& st) {
-      const int b = (row_rem + k + mine_k) >> L;
+    const int lane_byte = seg * 4 * VEC + t * VEC;
+    const uint8_t* wp[kRows];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) wp[i] = p.packed + lane_row(i) * row_bytes + lane_byte;
+    // An iteration's absmax value v = round * kRows + row is decoded by lane v % 4 of the quad (its register v / 4);
+    // shuffles share them. Blocks are counted from the row's first one, so that offsets in the loop are 32-bit.
+    int mine_k[kLaneAbsmax], row_rem[kLaneAbsmax], row_nrem[kLaneAbsmax];
+    const uint8_t* q_row[kLaneAbsmax];
+    const float* s_row[kLaneAbsmax];
+#pragma unroll
+    for (int c = 0; c < kLaneAbsmax; ++c) {
+      const int v = 4 * c + t;
+      mine_k[c] = (v / kRows) * kRoundElems + seg * kQuadElems;
+      const int64_t row_e = lane_row(v % kRows) * K;
+      const int64_t row_blk = row_e >> L, row_nblk = row_blk >> p.log2_nested;
+      row_rem[c] = static_cast<int>(row_e - (row_blk << L));
+      row_nrem[c] = static_cast<int>(row_blk - (row_nblk << p.log2_nested));
+      q_row[c] = p.nested ? p.absmax_q + row_blk : nullptr;
+      s_row[c] = p.nested ? p.nested_absmax + row_nblk : p.absmax + row_blk;
+    }
+
+    // An iteration's operands: weight words of the lane's rows, activations (when loaded ahead), raw absmax (uint8
+    // code and nested scale, or the float32 absmax).
+    struct Stage {
+      uint32_t w[kRows][kRounds][W];
+      uint32_t x[kPrefetchX ? kRounds : 1][NT][VEC];
+      uint32_t q[kLaneAbsmax];
+      float s[kLaneAbsmax];
+    };
+    // This lane's absmax c of the iteration at element k of the row.
+    auto load_absmax = [&](int k, int c, Stage& st) {
+      const int b = (row_rem[c] + k + mine_k[c]) >> L;
       if (p.nested) {
-        st.q = __ldg(q_row + b);
-        st.s = __ldg(s_row + ((row_nrem + b) >> p.log2_nested));
+        st.q[c] = __ldg(q_row[c] + b);
+        st.s[c] = __ldg(s_row[c] + ((row_nrem[c] + b) >> p.log2_nested));
       } else {
-        st.s = __ldg(s_row + b);
+        st.s[c] = __ldg(s_row[c] + b);
       }
     };
-    auto load_x = [&](int k, int u, Stage& st) {
+    auto load_x = [&](int k, int u, uint32_t (&x)[NT][VEC]) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int q = 0; q < W; ++q) {
           const uint4 v = __ldg(reinterpret_cast<const uint4*>(arow[j] + k + u * kRoundElems) + q);
-          st.x[u][j][4 * q] = v.x, st.x[u][j][4 * q + 1] = v.y, st.x[u][j][4 * q + 2] = v.z, st.x[u][j][4 * q + 3] = v.w;
+          x[j][4 * q] = v.x, x[j][4 * q + 1] = v.y, x[j][4 * q + 2] = v.z, x[j][4 * q + 3] = v.w;
         }
     };
     auto load_round = [&](int k, int u, Stage& st) {
-      load_bytes<VEC>(w0 + (k >> 1) + u * kRoundBytes, st.w[0][u]);
-      load_bytes<VEC>(w1 + (k >> 1) + u * kRoundBytes, st.w[1][u]);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) load_bytes<VEC>(wp[i] + (k >> 1) + u * kRoundBytes, st.w[i][u]);
     };
     auto load_stage = [&](int k, Stage& st) {
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
         load_round(k, u, st);
-        if constexpr (kPrefetchX) load_x(k, u, st);
+        if constexpr (kPrefetchX) load_x(k, u, st.x[u]);
       }
-      load_absmax(k, st);
+#pragma unroll
+      for (int c = 0; c < kLaneAbsmax; ++c) load_absmax(k, c, st);
     };
 
     // As the reference decodes it: code * nested_absmax + offset, each operation rounded (no FMA).
     auto decode_absmax = [&](uint32_t q, float s) { return p.nested ? __fadd_rn(__fmul_rn(s_ncode[q], s), offset) : s; };
 
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
-
-    // One round: the bytes b0 (row r0), b1 (row r1) times the activations x (this lane's 2 * VEC elements of
-    // each n-tile's row), MMAs into a temporary, then times the block's absmax (held by lanes src and src + 1 of the quad).
-    auto round = [&](const uint32_t (&b0)[W], const uint32_t (&b1)[W], const uint32_t (&x)[NT][VEC], float am, int src) {
-      float tmp[NT][4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) tmp[j][c] = 0.0f;
+        for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.0f;
+
+    // Round u: the bytes of each m-tile's two rows times the activations x (this lane's 2 * VEC elements of each
+    // n-tile's row), MMAs into a temporary, then times the rows' block absmax (shuffled from the quad's lanes).
+    auto round = [&](const Stage& st, int u, const uint32_t (&x)[NT][VEC], const float (&am)[kLaneAbsmax]) {
+      float tmp[MT][NT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) tmp[mt][j][c] = 0.0f;
 #pragma unroll
       for (int lb = 0; lb < VEC; lb += 2) {  // bytes lb (k 2t, 2t + 1 of the MMA) and lb + 1 (k 2t + 8, 2t + 9)
-        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b0[lb >> 2], lb & 3, lane4));
-        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b1[lb >> 2], lb & 3, lane4));
-        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b0[lb >> 2], (lb & 3) + 1, lane4));
-        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(smem + table_offset(b1[lb >> 2], (lb & 3) + 1, lane4));
 #pragma unroll
-        for (int j = 0; j < NT; ++j) Mma<T>::mma(tmp[j], a0, a1, a2, a3, x[j][lb], x[j][lb + 1]);
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t w0 = st.w[2 * mt][u][lb >> 2], w1 = st.w[2 * mt + 1][u][lb >> 2];
+          const uint32_t a0 = *reinterpret_cast<const uint32_t*>(smem + table_offset(w0, lb & 3, lane4));
+          const uint32_t a1 = *reinterpret_cast<const uint32_t*>(smem + table_offset(w1, lb & 3, lane4));
+          const uint32_t a2 = *reinterpret_cast<const uint32_t*>(smem + table_offset(w0, (lb & 3) + 1, lane4));
+          const uint32_t a3 = *reinterpret_cast<const uint32_t*>(smem + table_offset(w1, (lb & 3) + 1, lane4));
+#pragma unroll
+          for (int j = 0; j < NT; ++j) Mma<T>::mma(tmp[mt][j], a0, a1, a2, a3, x[j][lb], x[j][lb + 1]);
+        }
       }
-      const float am0 = __shfl_sync(0xffffffffu, am, (lane & ~3) | src);
-      const float am1 = __shfl_sync(0xffffffffu, am, (lane & ~3) | (src + 1));
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        acc[j][0] = fmaf(tmp[j][0], am0, acc[j][0]);
-        acc[j][1] = fmaf(tmp[j][1], am0, acc[j][1]);
-        acc[j][2] = fmaf(tmp[j][2], am1, acc[j][2]);
-        acc[j][3] = fmaf(tmp[j][3], am1, acc[j][3]);
+      for (int mt = 0; mt < MT; ++mt) {
+        const int v0 = u * kRows + 2 * mt, v1 = v0 + 1;
+        const float am0 = __shfl_sync(0xffffffffu, am[v0 / 4], (lane & ~3) | (v0 % 4));
+        const float am1 = __shfl_sync(0xffffffffu, am[v1 / 4], (lane & ~3) | (v1 % 4));
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          acc[mt][j][0] = fmaf(tmp[mt][j][0], am0, acc[mt][j][0]);
+          acc[mt][j][1] = fmaf(tmp[mt][j][1], am0, acc[mt][j][1]);
+          acc[mt][j][2] = fmaf(tmp[mt][j][2], am1, acc[mt][j][2]);
+          acc[mt][j][3] = fmaf(tmp[mt][j][3], am1, acc[mt][j][3]);
+        }
       }
     };
 
-    auto multiply = [&](Stage& st, int rounds) {
-      const float am = decode_absmax(st.q, st.s);
+    // The first `rounds` rounds of the iteration at element k; activations not loaded ahead are loaded a round at
+    // a time (so that one round's live in registers).
+    auto multiply = [&](const Stage& st, int k, int rounds) {
+      float am[kLaneAbsmax];
+#pragma unroll
+      for (int c = 0; c < kLaneAbsmax; ++c) am[c] = decode_absmax(st.q[c], st.s[c]);
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
-        if (u < rounds) round(st.w[0][u], st.w[1][u], st.x[u], am, 2 * u);
+        if (u >= rounds) continue;
+        if constexpr (kPrefetchX) {
+          round(st, u, st.x[u], am);
+        } else {
+          uint32_t x[NT][VEC];
+          load_x(k, u, x);
+          round(st, u, x, am);
+        }
       }
     };
 
@@ -300,11 +342,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
     if (k < k_full) load_stage(k, sa);
     auto advance = [&](Stage& cur, Stage& next) {
       if (k + step < k_full) load_stage(k + step, next);
-      if constexpr (!kPrefetchX) {
-#pragma unroll
-        for (int u = 0; u < kRounds; ++u) load_x(k, u, cur);
-      }
-      multiply(cur, kRounds);
+      multiply(cur, k, kRounds);
       k += step;
     };
     while (k < k_full) {
@@ -313,62 +351,78 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_4bit_kernel(const GemvPa
       advance(sb, sa);
     }
     // The rest of K (rem elements, less than an iteration): the warp whose next iteration it would be. A quad
-    // past K multiplies zero activations (its bytes and absmax stay zero).
+    // past K multiplies zero activations (its bytes and absmax stay zero); with S = 1 whole rounds lie inside K.
     if (k == k_full && rem > 0) {
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
 #pragma unroll
-        for (int q = 0; q < W; ++q) sa.w[0][u][q] = sa.w[1][u][q] = 0;
+        for (int i = 0; i < kRows; ++i)
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int q = 0; q < VEC; ++q) sa.x[u][j][q] = 0;
-        if (u * kRoundElems + seg * kQuadElems < rem) {
-          load_round(k, u, sa);
-          load_x(k, u, sa);
-        }
-      }
-      sa.q = 0, sa.s = 0.0f;
-      if (mine_k < rem) load_absmax(k, sa);
-      multiply(sa, (rem + kRoundElems - 1) / kRoundElems);
-    }
-
-    // Split-K: the wk warps of a row group sum their fragments through shared memory.
-    float* mine = s_red + warp * NT * 4 * 32;
-    if (wk > 1) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) mine[(j * 4 + c) * 32 + lane] = acc[j][c];
-      __syncthreads();
-      if (wk_idx == 0) {
-        for (int kk = 1; kk < wk; ++kk) {
-          const float* other = s_red + (kk * wr + wr_idx) * NT * 4 * 32;
+          for (int q = 0; q < W; ++q) sa.w[i][u][q] = 0;
+        if constexpr (kPrefetchX) {
 #pragma unroll
           for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[j][c] += other[(j * 4 + c) * 32 + lane];
+            for (int q = 0; q < VEC; ++q) sa.x[u][j][q] = 0;
+        }
+        if (u * kRoundElems + seg * kQuadElems < rem) {
+          load_round(k, u, sa);
+          if constexpr (kPrefetchX) load_x(k, u, sa.x[u]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kLaneAbsmax; ++c) {
+        sa.q[c] = 0, sa.s[c] = 0.0f;
+        if (mine_k[c] < rem) load_absmax(k, c, sa);
+      }
+      multiply(sa, k, (rem + kRoundElems - 1) / kRoundElems);
+    }
+
+    // Split-K: the wk warps of a row group sum their fragments through shared memory.
+    constexpr int kFrags = MT * NT * 4;
+    float* mine = s_red + warp * kFrags * 32;
+    if (wk > 1) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) mine[((mt * NT + j) * 4 + c) * 32 + lane] = acc[mt][j][c];
+      __syncthreads();
+      if (wk_idx == 0) {
+        for (int kk = 1; kk < wk; ++kk) {
+          const float* other = s_red + (kk * wr + wr_idx) * kFrags * 32;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) acc[mt][j][c] += other[((mt * NT + j) * 4 + c) * 32 + lane];
         }
       }
     }
     // Epilogue: output (row row_base + r, row a of A) sums the fragment elements of its S segments, in order.
-    // Fragment element (MMA row G, column n) of n-tile j is c = 2 (G >= 8) + (n & 1) of lane 4 (G % 8) + n / 2.
+    // Row r is row rr of m-tile r / kTileRows; fragment element (MMA row G, column n) of n-tile j is
+    // c = 2 (G >= 8) + (n & 1) of lane 4 (G % 8) + n / 2.
     if (wk_idx == 0) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) mine[(j * 4 + c) * 32 + lane] = acc[j][c];
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) mine[((mt * NT + j) * 4 + c) * 32 + lane] = acc[mt][j][c];
       __syncwarp();
       T* out = static_cast<T*>(p.out);
       for (int o = lane; o < kWarpRows * kRowsA; o += 32) {
         const int r = o % kWarpRows, a = o / kWarpRows, j = a / (8 / S);
+        const int mt = r / kTileRows, rr = r % kTileRows;
         const int64_t row = row_base + r;
         if (row >= N || a >= p.m) continue;
         float sum = 0.0f;
 #pragma unroll
         for (int s = 0; s < S; ++s) {
-          const int G = (r % (8 / S)) * S + s, n = (a % (8 / S)) * S + s;
-          sum += mine[(j * 4 + 2 * (r / (8 / S)) + (n & 1)) * 32 + 4 * G + (n >> 1)];
+          const int G = (rr % (8 / S)) * S + s, n = (a % (8 / S)) * S + s;
+          sum += mine[((mt * NT + j) * 4 + 2 * (rr / (8 / S)) + (n & 1)) * 32 + 4 * G + (n >> 1)];
         }
         Elem<T>::store1(out + a * p.ldo + row, __fadd_rn(sum, load_bias(p.bias, p.bias_kind, row)));
       }
@@ -405,9 +459,9 @@ int64_t gcd64(int64_t a, int64_t b) {
   return a;
 }
 
-template <int NT>
+template <int NT, int MT>
 constexpr int64_t gemv_smem_bytes() {
-  return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * NT * 4 * 4;
+  return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * MT * NT * 4 * 4;
 }
 
 // Warps along rows (warp_rows rows each) of a CTA: the most, unless fewer spread the row tiles over the CTAs
@@ -423,10 +477,10 @@ int choose_wr(int64_t N, int64_t warp_rows, int64_t slots) {
   return best;
 }
 
-template <typename T, int NT, int VEC, int S>
+template <typename T, int NT, int MT, int VEC, int S>
 void launch_gemv(GemvParams p) {
-  auto kernel = gemv_4bit_kernel<T, NT, VEC, S>;
-  constexpr int64_t smem = gemv_smem_bytes<NT>();
+  auto kernel = gemv_4bit_kernel<T, NT, MT, VEC, S>;
+  constexpr int64_t smem = gemv_smem_bytes<NT, MT>();
   static bool configured[64] = {false};  // the 64 KB table needs the opt-in shared-memory limit, once per device
   const int device = c10::cuda::current_device();
   TORCH_INTERNAL_ASSERT(device < 64);
@@ -434,19 +488,20 @@ void launch_gemv(GemvParams p) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured[device] = true;
   }
-  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, VEC, S>>(kGemvThreads, INT64_MAX, smem);
-  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, 16 / S, slots);
-  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), int64_t(16 / S) * p.wr));
+  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, MT, VEC, S>>(kGemvThreads, INT64_MAX, smem);
+  constexpr int64_t warp_rows = MT * 16 / S;
+  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, warp_rows, slots);
+  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), warp_rows * p.wr));
   const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
   kernel<<<grid, kGemvThreads, smem, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int NT, int S>
+template <typename T, int NT, int MT, int S>
 void launch_gemv_vec(const GemvParams& p, int vec) {
   switch (vec) {
-    case 8: launch_gemv<T, NT, 8, S>(p); break;
-    default: launch_gemv<T, NT, 4, S>(p); break;
+    case 8: launch_gemv<T, NT, MT, 8, S>(p); break;
+    default: launch_gemv<T, NT, MT, 4, S>(p); break;
   }
 }
 
@@ -492,17 +547,17 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
       } else if (p.m == 1) {
-        launch_gemv_vec<scalar_t, 1, 8>(p, vec);
+        launch_gemv_vec<scalar_t, 1, 1, 8>(p, vec);
       } else if (p.m == 2) {
-        launch_gemv_vec<scalar_t, 1, 4>(p, vec);
+        launch_gemv_vec<scalar_t, 1, 1, 4>(p, vec);
       } else if (p.m <= 4) {
-        launch_gemv_vec<scalar_t, 1, 2>(p, vec);
+        launch_gemv_vec<scalar_t, 1, 1, 2>(p, vec);
       } else if (p.m <= 8) {
-        launch_gemv_vec<scalar_t, 1, 1>(p, vec);
+        launch_gemv_vec<scalar_t, 1, 1, 1>(p, vec);
       } else if (p.m <= 16) {
-        launch_gemv_vec<scalar_t, 2, 1>(p, vec);
+        launch_gemv_vec<scalar_t, 2, 2, 1>(p, vec);
       } else {
-        launch_gemv_vec<scalar_t, 4, 1>(p, vec);
+        launch_gemv_vec<scalar_t, 4, 2, 1>(p, vec);
       }
     });
   }

@@ -169,12 +169,11 @@ def test_exported_program_runs_in_a_fresh_process(tmp_path, device):
 _TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
-@pytest.mark.skipif(
-    _TORCH_VERSION < (2, 13),
-    reason="AOTInductor of this model segfaulted in the proxy executor on torch 2.11 (GPU machine, 2026-11-21); "
-    "passes on torch 2.13 (CPU); not investigated yet",
-)
 def test_aot_inductor_package(tmp_path, device):
+    if device == "cuda" and _TORCH_VERSION < (2, 13):
+        # On the GPU machine (torch 2.11+cu130) aoti_load_package segfaults in AOTIModelPackageLoader for every
+        # CUDA package, a plain nn.Linear + GELU included, checked 2026-11-21); CPU packages load and run there.
+        pytest.skip("AOTInductor CUDA packages segfault on load in torch < 2.13, torchlowbit or not")
     torch.manual_seed(0)
     layers = (bnb.nn.Linear4bit(64, 128, quant_type="nf4"), nn.GELU(),
               bnb.nn.Linear8bitLt(128, 64, has_fp16_weights=False, threshold=6.0))  # fmt: skip
