@@ -151,7 +151,7 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC /
 // that meet on the diagonal of segment s make the useful products).
 template <typename T, int NT, int MT, int VEC, int S>
 __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kernel(const GemvParams p) {
-  static_assert(S == 1 || (NT == 1 && MT == 1), "k-segments use the n-tile's columns");
+  static_assert(S == 1 || (NT == 1 && MT == 1), "k-segments use the idle columns of one n-tile (and one m-tile)");
   constexpr int W = VEC / 4;
   constexpr int kRounds = 2;  // rounds an iteration (its operands are loaded as a whole, an iteration ahead)
   constexpr int kRows = 2 * MT;  // weight rows of a lane: MMA rows g and g + 8 of each m-tile
