@@ -199,11 +199,22 @@ def test_traces_under_fake_tensor_mode_and_meta():
     assert meta_block(_tokens("meta")).shape == (2, 8, 64)
 
 
-def test_compiling_an_unquantized_weight_names_the_module():
-    layer = bnb.nn.Linear4bit(64, 32)
-    layer.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
-    with pytest.raises(Exception, match="Linear4bit.weight must be a Params4bit"):
-        torch.compile(layer, fullgraph=True)(torch.randn(2, 64))
+@pytest.mark.parametrize("how", ["compile", "export-strict", "export-non-strict"])
+def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
+    linear = bnb.nn.Linear4bit(64, 32)
+    linear.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    embedding = bnb.nn.EmbeddingNF4(100, 64)
+    embedding.weight = nn.Parameter(torch.randn(100, 64), requires_grad=False)
+    cases = ((linear, torch.randn(2, 64), r"Linear4bit\.weight must be a Params4bit \(a quantized weight\), got an "
+              r"unquantized torch\.float32 tensor of shape \[32, 64\]"),
+             (embedding, _tokens("cpu"), r"EmbeddingNF4\.weight must be a Params4bit .* shape \[100, 64\]"))  # fmt: skip
+    for module, x, message in cases:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            if how == "compile":
+                torch.compile(module, fullgraph=True)(x)
+            else:
+                torch.export.export(module, (x,), strict=how == "export-strict")
 
 
 _HASH_SCRIPT = """

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..optim.global_optim_manager import GlobalOptimManager
 from .int8params import Int8Params
-from .params4bit import Params4bit
+from .params4bit import Params4bit, as_params4bit
 
 
 class Embedding(nn.Embedding):
@@ -69,9 +69,7 @@ class Embedding4bit(nn.Embedding):
                                  quant_type=quant_type, quant_storage=quant_storage)  # fmt: skip
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if not isinstance(weight, Params4bit):
-            raise TypeError(f"Embedding4bit.weight must be a Params4bit, got {type(weight).__name__}")
+        weight = as_params4bit(self.weight, f"{type(self).__name__}.weight")
         dim, blocksize = self.embedding_dim, weight.blocksize
         if dim % blocksize or weight.compress_statistics:
             return nn.functional.embedding(input, weight.dequantize().to(self.dtype))

@@ -211,6 +211,16 @@ class Params4bit(QuantizedParameter):
         return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, self.quant_storage
 
 
+def as_params4bit(weight: torch.Tensor, owner: str) -> Params4bit:
+    """``weight`` itself if it is a ``Params4bit``, else a ``TypeError`` that names ``owner`` and what it holds."""
+    if not isinstance(weight, Params4bit):
+        raise TypeError(
+            f"{owner} must be a Params4bit (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
+            f"{list(weight.shape)}: assign a Params4bit or load a quantized state dict"
+        )
+    return weight
+
+
 def _check_packed_matches(packed: torch.Tensor, quant_state: F.QuantState) -> None:
     expected = packed_count(math.prod(quant_state.shape), packed.dtype)
     if packed.numel() != expected:
