@@ -205,9 +205,10 @@ def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
     linear.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
     embedding = bnb.nn.EmbeddingNF4(100, 64)
     embedding.weight = nn.Parameter(torch.randn(100, 64), requires_grad=False)
-    cases = ((linear, torch.randn(2, 64), r"Linear4bit\.weight must be a Params4bit \(a quantized weight\), got an "
-              r"unquantized torch\.float32 tensor of shape \[32, 64\]"),
-             (embedding, _tokens("cpu"), r"EmbeddingNF4\.weight must be a Params4bit .* shape \[100, 64\]"))  # fmt: skip
+    linear_message = (r"Linear4bit\.weight must be a Params4bit \(a quantized weight\), got an unquantized "
+                      r"torch\.float32 tensor of shape \[32, 64\]")  # fmt: skip
+    embedding_message = r"EmbeddingNF4\.weight must be a Params4bit .* shape \[100, 64\]"
+    cases = ((linear, torch.randn(2, 64), linear_message), (embedding, _tokens("cpu"), embedding_message))
     for module, x, message in cases:
         torch._dynamo.reset()
         with pytest.raises(Exception, match=message):
