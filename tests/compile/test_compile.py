@@ -218,6 +218,35 @@ def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
                 torch.export.export(module, (x,), strict=how == "export-strict")
 
 
+def _with_inner(weight, name, fn):
+    """``weight`` rebuilt (through the subclass protocol) with its inner tensor ``name`` replaced by ``fn(it)``."""
+    names, meta = weight.__tensor_flatten__()
+    inner = {n: getattr(weight, n) for n in names}
+    inner[name] = fn(inner[name])
+    return type(weight).__tensor_unflatten__(inner, meta, None, None)
+
+
+@pytest.mark.parametrize("how", ["compile", "export-strict", "export-non-strict"])
+def test_compiling_or_exporting_an_inconsistent_quant_state_names_the_module(how):
+    torch.manual_seed(0)
+    linear4 = bnb.nn.Linear4bit(64, 32, quant_type="nf4")
+    linear4.weight = nn.Parameter(_with_inner(linear4.weight, "absmax", lambda t: t[:-1]), requires_grad=False)
+    linear8 = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0)
+    linear8.weight = nn.Parameter(_with_inner(linear8.weight, "SCB", lambda t: t[:-1]), requires_grad=False)
+    embedding = bnb.nn.EmbeddingNF4(100, 64)
+    embedding.weight = nn.Parameter(_with_inner(embedding.weight, "packed", lambda t: t[:-1]), requires_grad=False)
+    cases = ((linear4, torch.randn(2, 64), r"Linear4bit\.weight\.absmax must have 32 elements \(one per block of 64\)"),
+             (linear8, torch.randn(2, 64), r"Linear8bitLt\.weight\.SCB must have shape \(32,\)"),
+             (embedding, _tokens("cpu"), r"EmbeddingNF4\.weight\.packed must hold 3200 bytes"))  # fmt: skip
+    for module, x, message in cases:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            if how == "compile":
+                torch.compile(module, fullgraph=True)(x)
+            else:
+                torch.export.export(module, (x,), strict=how == "export-strict")
+
+
 _HASH_SCRIPT = """
 import torch, torchlowbit as bnb
 torch.manual_seed({seed})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.checks import check_int8_weight
 from .quantized_parameter import QuantizedParameter
 
 
@@ -58,10 +59,9 @@ class Int8Params(QuantizedParameter):
     @classmethod
     def from_quantized(cls, CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = torch.float16) -> "Int8Params":
         """An ``Int8Params`` from an int8 ``CB (out, in)`` and float32 row scales ``SCB (out,)``."""
-        if CB is None or SCB is None or CB.dtype != torch.int8 or CB.dim() != 2:
-            raise ValueError("CB must be a 2-d int8 tensor given together with SCB")
-        if SCB.dtype != torch.float32 or SCB.shape != (CB.shape[0],):
-            raise ValueError(f"SCB must be float32 of shape ({CB.shape[0]},), got {SCB.dtype} {list(SCB.shape)}")
+        if CB is None or SCB is None:
+            raise ValueError("CB and SCB must be given together")
+        check_int8_weight(CB, SCB)
         return cls._make({"CB": CB, "SCB": SCB.to(CB.device)}, _MetaInt8(dtype))
 
     @property
@@ -84,11 +84,29 @@ class Int8Params(QuantizedParameter):
             )
         return self._make(*_quantize(src.to(self.device)))
 
+    def check_state(self, owner: str) -> None:
+        check_int8_weight(self.CB, self.SCB, prefix=owner + ".")
+
     def _rows_per_entry(self) -> dict[str, int]:
         return {"CB": 1, "SCB": 1}
 
     def _layout(self) -> tuple:
         return tuple(self.shape)
+
+
+def checked_int8params(weight: torch.Tensor, owner: str) -> Int8Params:
+    """``weight``, which must be an ``Int8Params``: else a ``TypeError`` naming ``owner`` and what it holds.
+
+    While tracing (compile, export) its ``CB``/``SCB`` are checked here too (see ``checked_params4bit``).
+    """
+    if not isinstance(weight, Int8Params):
+        raise TypeError(
+            f"{owner} must be an Int8Params (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
+            f"{list(weight.shape)}: assign an Int8Params or load a quantized state dict"
+        )
+    if torch.compiler.is_compiling():
+        weight.check_state(owner)
+    return weight
 
 
 torch.serialization.add_safe_globals([_MetaInt8, Int8Params])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional as F
-from ..ops.quantize_4bit import QUANT_STORAGE_DTYPES, check_quant_type, packed_count
+from ..ops.quantize_4bit import QUANT_STORAGE_DTYPES, check_packed, check_quant_type, packed_count
 from .quantized_parameter import QuantizedParameter
 
 _NESTED_BLOCKSIZE = 256
@@ -203,6 +203,10 @@ class Params4bit(QuantizedParameter):
         )
         return self._make(inner, new_meta)
 
+    def check_state(self, owner: str) -> None:
+        check_packed(self.packed, self.absmax, self.blocksize, self.quant_type, self.logical_shape,
+                     *self.nested_args(), name="packed", prefix=owner + ".")  # fmt: skip
+
     def _rows_per_entry(self) -> dict[str, int]:
         return {"packed": 1, "absmax": self.blocksize // (2 * self.quant_storage.itemsize)}
 
@@ -211,13 +215,19 @@ class Params4bit(QuantizedParameter):
         return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, self.quant_storage
 
 
-def as_params4bit(weight: torch.Tensor, owner: str) -> Params4bit:
-    """``weight`` itself if it is a ``Params4bit``, else a ``TypeError`` that names ``owner`` and what it holds."""
+def checked_params4bit(weight: torch.Tensor, owner: str) -> Params4bit:
+    """``weight``, which must be a ``Params4bit``: else a ``TypeError`` naming ``owner`` and what it holds.
+
+    While tracing (compile, export) its quant state is checked here too, so that an inconsistent one is reported
+    under ``owner``'s name instead of as a failed fake-tensor call of an op; in eager the ops check it.
+    """
     if not isinstance(weight, Params4bit):
         raise TypeError(
             f"{owner} must be a Params4bit (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
             f"{list(weight.shape)}: assign a Params4bit or load a quantized state dict"
         )
+    if torch.compiler.is_compiling():
+        weight.check_state(owner)
     return weight
 
 

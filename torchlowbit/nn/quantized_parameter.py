@@ -52,6 +52,11 @@ class QuantizedParameter(torch.Tensor):
         """What must agree for one weight's tensors to be copied into another's in place."""
         raise NotImplementedError
 
+    def check_state(self, owner: str) -> None:
+        """Raise a clear error, naming ``owner`` (e.g. ``"Linear4bit.weight"``), where the inner tensors disagree
+        with each other or with the meta."""
+        raise NotImplementedError
+
     def _rows_per_entry(self) -> dict[str, int]:
         """For each inner tensor cut along with the outer rows: how many outer rows one of its entries spans.
 

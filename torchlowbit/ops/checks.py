@@ -35,6 +35,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {found}")
 
 
+def check_int8_weight(CB: torch.Tensor, SCB: torch.Tensor, prefix: str = "") -> None:
+    """A row-wise int8 weight: ``CB (n, k)`` int8 with float32 row scales ``SCB (n,)``; names start with ``prefix``."""
+    check_dtype(CB, f"{prefix}CB", (torch.int8,))
+    check_dtype(SCB, f"{prefix}SCB", (torch.float32,))
+    if CB.dim() != 2:
+        raise ValueError(f"{prefix}CB must be 2-d (n, k), got shape {list(CB.shape)}")
+    if SCB.shape != (CB.shape[0],):
+        raise ValueError(
+            f"{prefix}SCB must have shape ({CB.shape[0]},), one scale per row of {prefix}CB, got {list(SCB.shape)}"
+        )
+
+
 def check_code(code: torch.Tensor, name: str = "code", entries: int = 256) -> None:
     check_dtype(code, name, (torch.float32,))
     check_numel(code, name, entries, f"a {entries}-entry float32 code")

@@ -8,19 +8,16 @@ shapes; which columns were outliers comes back as a ``(k,)`` boolean mask.
 
 import torch
 
-from .checks import check_dtype, check_same_device
+from .checks import check_dtype, check_int8_weight, check_same_device
 from .int8_vectorwise_quant import as_rows
 from .registry import register_fake, register_reference
 
 
 def _check(A, CB, SCB, bias, threshold) -> None:
     check_dtype(A, "A")
-    check_dtype(CB, "CB", (torch.int8,))
-    check_dtype(SCB, "SCB", (torch.float32,))
-    if CB.dim() != 2 or A.dim() == 0 or A.shape[-1] != CB.shape[1]:
+    check_int8_weight(CB, SCB)
+    if A.dim() == 0 or A.shape[-1] != CB.shape[1]:
         raise ValueError(f"A must be (..., k) and CB (n, k), got A {list(A.shape)} and CB {list(CB.shape)}")
-    if SCB.shape != (CB.shape[0],):
-        raise ValueError(f"SCB must have shape ({CB.shape[0]},), one scale per row of CB, got {list(SCB.shape)}")
     if bias is not None:
         check_dtype(bias, "bias")
         if bias.shape != (CB.shape[0],):

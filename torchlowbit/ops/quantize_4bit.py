@@ -36,9 +36,12 @@ def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str, quant_stor
 
 def check_packed(
     A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape, nested_absmax, nested_code,
-    nested_offset, nested_blocksize: int, name: str = "A",
+    nested_offset, nested_blocksize: int, name: str = "A", prefix: str = "",
 ) -> None:  # fmt: skip
-    """Checks of a packed weight (argument ``name``) with its (possibly double-quantized) absmax."""
+    """Checks of a packed weight (argument ``name``) with its (possibly double-quantized) absmax; the names in the
+    messages start with ``prefix`` (a module's weight: ``"Linear4bit.weight."``)."""
+    name, absmax_name = prefix + name, prefix + "absmax"
+    nabs_name, ncode_name, noff_name = prefix + "nested_absmax", prefix + "nested_code", prefix + "nested_offset"
     check_dtype(A, name, QUANT_STORAGE_DTYPES)
     check_blocksize(blocksize)
     check_quant_type(quant_type)
@@ -51,25 +54,24 @@ def check_packed(
             f"{name} must hold {expected} bytes of packed codes for shape {list(shape)}, "
             f"got {A.numel() * A.dtype.itemsize}"
         )
-    check_numel(absmax, "absmax", blockwise.num_blocks(numel, blocksize), f"one per block of {blocksize}")
-    check_same_device(
-        **{name: A}, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset
-    )
+    check_numel(absmax, absmax_name, blockwise.num_blocks(numel, blocksize), f"one per block of {blocksize}")
+    nested = {nabs_name: nested_absmax, ncode_name: nested_code, noff_name: nested_offset}
+    check_same_device(**{name: A, absmax_name: absmax}, **nested)
     if not (nested_absmax is None) == (nested_code is None) == (nested_offset is None):
         raise ValueError(
-            "nested_absmax, nested_code and nested_offset must be given together (double quantization) or not at all"
+            f"{nabs_name}, {ncode_name} and {noff_name} must be given together (double quantization) or not at all"
         )
     if nested_absmax is None:
-        check_dtype(absmax, "absmax", (torch.float32,))
+        check_dtype(absmax, absmax_name, (torch.float32,))
         return
-    check_dtype(absmax, "absmax", (torch.uint8,))
-    check_dtype(nested_absmax, "nested_absmax", (torch.float32,))
-    check_code(nested_code, "nested_code")
-    check_dtype(nested_offset, "nested_offset", (torch.float32,))
-    check_numel(nested_offset, "nested_offset", 1, "the mean subtracted before double quantization")
+    check_dtype(absmax, absmax_name, (torch.uint8,))
+    check_dtype(nested_absmax, nabs_name, (torch.float32,))
+    check_code(nested_code, ncode_name)
+    check_dtype(nested_offset, noff_name, (torch.float32,))
+    check_numel(nested_offset, noff_name, 1, "the mean subtracted before double quantization")
     check_blocksize(nested_blocksize, "nested_blocksize")
     check_numel(
-        nested_absmax, "nested_absmax", blockwise.num_blocks(absmax.numel(), nested_blocksize),
+        nested_absmax, nabs_name, blockwise.num_blocks(absmax.numel(), nested_blocksize),
         f"one per block of {nested_blocksize} absmax codes",
     )  # fmt: skip
 
