@@ -199,6 +199,17 @@ def test_traces_under_fake_tensor_mode_and_meta():
     assert meta_block(_tokens("meta")).shape == (2, 8, 64)
 
 
+def _assert_traced_errors(how: str, cases) -> None:
+    """Compiling (fullgraph) or exporting each (module, input, message) raises an error matching the message."""
+    for module, x, message in cases:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            if how == "compile":
+                torch.compile(module, fullgraph=True)(x)
+            else:
+                torch.export.export(module, (x,), strict=how == "export-strict")
+
+
 @pytest.mark.parametrize("how", ["compile", "export-strict", "export-non-strict"])
 def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
     linear = bnb.nn.Linear4bit(64, 32)
@@ -209,13 +220,7 @@ def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
                       r"torch\.float32 tensor of shape \[32, 64\]")  # fmt: skip
     embedding_message = r"EmbeddingNF4\.weight must be a Params4bit .* shape \[100, 64\]"
     cases = ((linear, torch.randn(2, 64), linear_message), (embedding, _tokens("cpu"), embedding_message))
-    for module, x, message in cases:
-        torch._dynamo.reset()
-        with pytest.raises(Exception, match=message):
-            if how == "compile":
-                torch.compile(module, fullgraph=True)(x)
-            else:
-                torch.export.export(module, (x,), strict=how == "export-strict")
+    _assert_traced_errors(how, cases)
 
 
 def _with_inner(weight, name, fn):
@@ -238,13 +243,7 @@ def test_compiling_or_exporting_an_inconsistent_quant_state_names_the_module(how
     cases = ((linear4, torch.randn(2, 64), r"Linear4bit\.weight\.absmax must have 32 elements \(one per block of 64\)"),
              (linear8, torch.randn(2, 64), r"Linear8bitLt\.weight\.SCB must have shape \(32,\)"),
              (embedding, _tokens("cpu"), r"EmbeddingNF4\.weight\.packed must hold 3200 bytes"))  # fmt: skip
-    for module, x, message in cases:
-        torch._dynamo.reset()
-        with pytest.raises(Exception, match=message):
-            if how == "compile":
-                torch.compile(module, fullgraph=True)(x)
-            else:
-                torch.export.export(module, (x,), strict=how == "export-strict")
+    _assert_traced_errors(how, cases)
 
 
 _HASH_SCRIPT = """

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from ..optim.global_optim_manager import GlobalOptimManager
-from .int8params import Int8Params, checked_int8params
-from .params4bit import Params4bit, checked_params4bit
+from .int8params import Int8Params
+from .params4bit import Params4bit
 
 
 class Embedding(nn.Embedding):
@@ -46,7 +46,7 @@ class Embedding8bit(nn.Embedding):
         self.weight = Int8Params(self.weight.data, has_fp16_weights=False, requires_grad=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = checked_int8params(self.weight, f"{type(self).__name__}.weight")
+        weight = Int8Params.checked(self.weight, f"{type(self).__name__}.weight")
         rows = nn.functional.embedding(input, weight.CB).float()
         scales = nn.functional.embedding(input, weight.SCB.view(-1, 1)) / 127.0
         return (rows * scales).to(self.dtype)
@@ -67,7 +67,7 @@ class Embedding4bit(nn.Embedding):
                                  quant_type=quant_type, quant_storage=quant_storage)  # fmt: skip
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = checked_params4bit(self.weight, f"{type(self).__name__}.weight")
+        weight = Params4bit.checked(self.weight, f"{type(self).__name__}.weight")
         dim, blocksize = self.embedding_dim, weight.blocksize
         if dim % blocksize or weight.compress_statistics:
             return nn.functional.embedding(input, weight.dequantize().to(self.dtype))

@@ -94,19 +94,4 @@ class Int8Params(QuantizedParameter):
         return tuple(self.shape)
 
 
-def checked_int8params(weight: torch.Tensor, owner: str) -> Int8Params:
-    """``weight``, which must be an ``Int8Params``: else a ``TypeError`` naming ``owner`` and what it holds.
-
-    While tracing (compile, export) its ``CB``/``SCB`` are checked here too (see ``checked_params4bit``).
-    """
-    if not isinstance(weight, Int8Params):
-        raise TypeError(
-            f"{owner} must be an Int8Params (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
-            f"{list(weight.shape)}: assign an Int8Params or load a quantized state dict"
-        )
-    if torch.compiler.is_compiling():
-        weight.check_state(owner)
-    return weight
-
-
 torch.serialization.add_safe_globals([_MetaInt8, Int8Params])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .params4bit import Params4bit, checked_params4bit
+from .params4bit import Params4bit
 from .weight_loading import LoadsQuantizedWeight
 
 _SLOW_COMPUTE_DTYPE = (
@@ -47,7 +47,7 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
         self.quant_storage = quant_storage
 
     def _check_weight(self, weight: torch.Tensor | None = None) -> Params4bit:
-        weight = checked_params4bit(self.weight if weight is None else weight, f"{type(self).__name__}.weight")
+        weight = Params4bit.checked(self.weight if weight is None else weight, f"{type(self).__name__}.weight")
         if weight.logical_shape != (self.out_features, self.in_features):
             raise ValueError(
                 f"{type(self).__name__}.weight stands for shape {list(weight.logical_shape)}, "

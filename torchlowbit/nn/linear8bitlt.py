@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .int8params import Int8Params, checked_int8params
+from .int8params import Int8Params
 from .weight_loading import LoadsQuantizedWeight
 
 
@@ -99,7 +99,7 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
             raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
         weight, state = self.weight, self.state
         if isinstance(weight, Int8Params):
-            weight = checked_int8params(weight, f"{type(self).__name__}.weight")
+            weight = Int8Params.checked(weight, f"{type(self).__name__}.weight")
             if state.force_no_igemmlt:
                 return nn.functional.linear(x, weight.dequantize().to(x.dtype), _cast(self.bias, x.dtype))
             out, outliers = torch.ops.lowbit.int8_mixed_linear(x, weight.CB, weight.SCB, self.bias, state.threshold)

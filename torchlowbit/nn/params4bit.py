@@ -215,22 +215,6 @@ class Params4bit(QuantizedParameter):
         return meta.shape, meta.quant_type, meta.blocksize, meta.nested, meta.nested_blocksize, self.quant_storage
 
 
-def checked_params4bit(weight: torch.Tensor, owner: str) -> Params4bit:
-    """``weight``, which must be a ``Params4bit``: else a ``TypeError`` naming ``owner`` and what it holds.
-
-    While tracing (compile, export) its quant state is checked here too, so that an inconsistent one is reported
-    under ``owner``'s name instead of as a failed fake-tensor call of an op; in eager the ops check it.
-    """
-    if not isinstance(weight, Params4bit):
-        raise TypeError(
-            f"{owner} must be a Params4bit (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
-            f"{list(weight.shape)}: assign a Params4bit or load a quantized state dict"
-        )
-    if torch.compiler.is_compiling():
-        weight.check_state(owner)
-    return weight
-
-
 def _check_packed_matches(packed: torch.Tensor, quant_state: F.QuantState) -> None:
     expected = packed_count(math.prod(quant_state.shape), packed.dtype)
     if packed.numel() != expected:

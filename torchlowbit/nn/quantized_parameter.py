@@ -52,6 +52,24 @@ class QuantizedParameter(torch.Tensor):
         """What must agree for one weight's tensors to be copied into another's in place."""
         raise NotImplementedError
 
+    @classmethod
+    def checked(cls, weight: torch.Tensor, owner: str) -> "QuantizedParameter":
+        """``weight``, which must be a ``cls``: else a ``TypeError`` naming ``owner`` (e.g. ``"Linear4bit.weight"``)
+        and what it holds.
+
+        While tracing (compile, export) the quant state is checked here too, so that an inconsistent one is reported
+        under ``owner``'s name instead of as a failed fake-tensor call of an op; in eager the ops check it.
+        """
+        if not isinstance(weight, cls):
+            kind = ("an " if cls.__name__[0] in "AEIOU" else "a ") + cls.__name__
+            raise TypeError(
+                f"{owner} must be {kind} (a quantized weight), got an unquantized {weight.dtype} tensor of shape "
+                f"{list(weight.shape)}: assign {kind} or load a quantized state dict"
+            )
+        if torch.compiler.is_compiling():
+            weight.check_state(owner)
+        return weight
+
     def check_state(self, owner: str) -> None:
         """Raise a clear error, naming ``owner`` (e.g. ``"Linear4bit.weight"``), where the inner tensors disagree
         with each other or with the meta."""
