@@ -219,7 +219,11 @@ def test_compiling_or_exporting_an_unquantized_weight_names_the_module(how):
     linear_message = (r"Linear4bit\.weight must be a Params4bit \(a quantized weight\), got an unquantized "
                       r"torch\.float32 tensor of shape \[32, 64\]")  # fmt: skip
     embedding_message = r"EmbeddingNF4\.weight must be a Params4bit .* shape \[100, 64\]"
-    cases = ((linear, torch.randn(2, 64), linear_message), (embedding, _tokens("cpu"), embedding_message))
+    embedding8 = bnb.nn.Embedding8bit(100, 64)
+    embedding8.weight = nn.Parameter(torch.randn(100, 64), requires_grad=False)
+    embedding8_message = r"Embedding8bit\.weight must be an Int8Params \(a quantized weight\), got an unquantized"
+    cases = ((linear, torch.randn(2, 64), linear_message), (embedding, _tokens("cpu"), embedding_message),
+             (embedding8, _tokens("cpu"), embedding8_message))  # fmt: skip
     _assert_traced_errors(how, cases)
 
 
