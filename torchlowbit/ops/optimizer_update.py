@@ -311,8 +311,9 @@ def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
 @register_reference("optimizer_update_32bit_grouped")
 def _(optimizer_name, p, g, state1, state2, lr, step, *hyper):
     opt, entries = _entries_32bit(optimizer_name, p, g, state1, state2, lr, step)
+    h = Hyper(*hyper)
     for p_i, g_i, state1_i, state2_i, step_i in entries:
-        _update_32bit(opt, p_i, g_i, state1_i, state2_i, lr, step_i, Hyper(*hyper))
+        _update_32bit(opt, p_i, g_i, state1_i, state2_i, lr, step_i, h)
 
 
 @register_fake("optimizer_update_8bit_blockwise_grouped")
@@ -323,5 +324,6 @@ def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, 
 @register_reference("optimizer_update_8bit_blockwise_grouped")
 def _(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step, *hyper):
     opt, entries = _entries_8bit(optimizer_name, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, step)
+    h = Hyper(*hyper)
     for p_i, g_i, state1_i, state2_i, absmax1_i, absmax2_i, step_i in entries:
-        _update_8bit(opt, p_i, g_i, state1_i, state2_i, absmax1_i, absmax2_i, qmap1, qmap2, lr, step_i, Hyper(*hyper))
+        _update_8bit(opt, p_i, g_i, state1_i, state2_i, absmax1_i, absmax2_i, qmap1, qmap2, lr, step_i, h)
