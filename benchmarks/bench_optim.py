@@ -3,9 +3,8 @@
 Side by side: torch.optim.AdamW(fused=True); torchlowbit.optim.AdamW8bit's and Lion8bit's whole steps (one grouped
 update op each), single steps waited for and steps issued back to back (as a training loop issues them: the
 host work of a step overlaps the device's); torchlowbit's update ops called per tensor (32-bit Adam, 8-bit
-blockwise Adam and Lion, each also with TORCHLOWBIT_OPTIM_STAGE=1; the 8-bit Adam also with the fallback
-nearest-code search, and replayed from a CUDA graph); bitsandbytes' AdamW (32-bit), AdamW8bit and Lion8bit when
-importable.
+blockwise Adam and Lion; the 8-bit Adam also with the fallback nearest-code search, and replayed from a CUDA
+graph); bitsandbytes' AdamW (32-bit), AdamW8bit and Lion8bit when importable.
 
 Times are medians of CUDA-event timings after warm-up (the 4.3 GB of parameters and gradients are far larger
 than L2). Bytes per parameter count what a step must move: 32-bit Adam reads p, g, m, v and writes p, m, v
@@ -104,11 +103,6 @@ def lowbit_steps(params, grads, reps, graph_too):
             ops.optimizer_update_8bit_blockwise_grouped(name, params, grads, *lists, *maps, lr, steps, *hyper)
 
         rows.append((f"lowbit {name} 8-bit (one grouped op)", nbytes, time_ms(grouped8, reps=reps)))
-        os.environ["TORCHLOWBIT_OPTIM_STAGE"] = "1"
-        try:
-            rows.append((f"lowbit {name} 8-bit, cp.async staging (ops)", nbytes, time_ms(step8, reps=reps)))
-        finally:
-            del os.environ["TORCHLOWBIT_OPTIM_STAGE"]
         if name == "adam":
             os.environ["TORCHLOWBIT_OPTIM_SEARCH"] = "tree"
             try:

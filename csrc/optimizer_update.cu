@@ -24,9 +24,8 @@
 // lr and step: a CPU 0-d tensor is read on the host, a device one inside the kernels; nothing synchronizes,
 // and the launches are CUDA-graph capturable (with device lr/step, a replay sees their current values).
 //
-// Knobs read at each call, for tests and benchmarks: TORCHLOWBIT_OPTIM_SEARCH=tree forces the fallback
-// search; TORCHLOWBIT_OPTIM_STAGE=1 stages the next block through shared memory with cp.async (slower so
-// far, see update8_kernel).
+// A knob read at each call, for tests and benchmarks: TORCHLOWBIT_OPTIM_SEARCH=tree forces the fallback
+// search.
 #include "lowbit_common.h"
 #include "nearest_code8.h"
 
@@ -425,7 +424,7 @@ struct Shared8 {
   int bad[2];
   int pad;
   Derived derived[kMaxTensors8];  // per tensor of the launch
-  CodeTable tab[3];  // one or two tables are allocated; the staging area starts where the next would
+  CodeTable tab[2];  // one or two are allocated (dynamic shared memory)
 };
 
 // Requantizes 8 new state values of this lane's block part (values past the end are 0): the block absmax
@@ -481,7 +480,6 @@ struct Launch8 {
   const float* q1;
   const float* q2;
   int force_tree;  // TORCHLOWBIT_OPTIM_SEARCH=tree: the fallback search even where a table fits
-  int stage;       // TORCHLOWBIT_OPTIM_STAGE=1: stage the next block through shared memory (cp.async)
   double* partials;
 };
 static_assert(sizeof(Tensors8<float>) + sizeof(Launch8) + sizeof(Hyper) <= kParamBytes, "kernel parameters");
@@ -521,115 +519,30 @@ __device__ __forceinline__ void decode_step8(const float* q1, const float* q2, f
   }
 }
 
-// cp.async (Ampere+): 16 / 8 bytes global -> shared, completing per thread at cp.async.wait_group.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Bytes one thread stages per block: p and g (8 elements each) and 8 codes per state row.
+// The loads of block b of tensor t that go out ahead of its step: its absmax, into registers.
 template <typename T, int K>
-constexpr int stage_bytes_per_thread() {
-  return 2 * 8 * int(sizeof(T)) + 8 * (state1_rows(K) + (has_state2(K) ? 1 : 0));
-}
-
-// The staging area of one stage: per field, 16-byte (8-byte for codes) slots indexed by thread, so that a
-// warp's shared-memory accesses are contiguous (conflict-free).
-template <typename T, int K>
-struct Stage {
-  static constexpr int kChunks = int(sizeof(T)) / 2;  // 16-byte chunks of 8 elements: fp32 2, 16-bit 1
-  uint32_t base;                                      // shared address of the stage
-  int nthreads;
-  __device__ uint32_t p(int chunk, int tid) const { return base + (chunk * nthreads + tid) * 16; }
-  __device__ uint32_t g(int chunk, int tid) const { return base + ((kChunks + chunk) * nthreads + tid) * 16; }
-  __device__ uint32_t codes(int row, int tid) const {  // row: 0 state1, 1 AdEMAMix's state1 row 1, last state2
-    return base + 2 * kChunks * nthreads * 16 + (row * nthreads + tid) * 8;
-  }
-};
-
-// Block b of tensor t goes through the stages when staging is on and it is a whole block of a tensor with
-// vector access.
-template <typename T>
-__device__ __forceinline__ bool staged(const Tensors8<T>& tab, const Launch8& l, int t, int64_t b) {
-  return l.stage && vec_at(tab, t) && b < tab.n[t] / kBlock8;
-}
-
-template <typename T, int K>
-__device__ __forceinline__ void stage_issue(const Tensors8<T>& tab, int t, const Stage<T, K>& st, int64_t b, int tid) {
-  const int64_t e0 = b * kBlock8 + (tid & 31) * 8;
-  const char* p = reinterpret_cast<const char*>(tab.p[t] + e0);
-  const char* g = reinterpret_cast<const char*>(tab.g[t] + e0);
-#pragma unroll
-  for (int c = 0; c < Stage<T, K>::kChunks; ++c) {
-    cp_async16(st.p(c, tid), p + 16 * c);
-    cp_async16(st.g(c, tid), g + 16 * c);
-  }
-  cp_async8(st.codes(0, tid), tab.s1[t] + e0);
-  if constexpr (state1_rows(K) == 2) cp_async8(st.codes(1, tid), tab.s1[t] + tab.n[t] + e0);
-  if constexpr (has_state2(K)) cp_async8(st.codes(state1_rows(K), tid), tab.s2[t] + e0);
-}
-
-// The loads of block b of tensor t that go out ahead of its step: its absmax into registers and, when staged, its
-// data into stage st.
-template <typename T, int K>
-__device__ __forceinline__ void prefetch8(const Tensors8<T>& tab, const Launch8& l, int t, int64_t b,
-                                          const Stage<T, K>& st, int tid, float& am1a, float& am1b, float& am2) {
-  if (staged(tab, l, t, b)) stage_issue(tab, t, st, b, tid);
+__device__ __forceinline__ void prefetch8(const Tensors8<T>& tab, int t, int64_t b, float& am1a, float& am1b,
+                                          float& am2) {
   am1a = tab.am1[t][b];
   if constexpr (state1_rows(K) == 2) am1b = tab.am1[t][blocks_of(tab, t) + b];
   if constexpr (has_state2(K)) am2 = tab.am2[t][b];
 }
 
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint2 lds64(uint32_t addr) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ typename Elem<T>::Raw8 raw_from_chunks(uint32_t c0, uint32_t c1);
-template <>
-__device__ __forceinline__ Elem<float>::Raw8 raw_from_chunks<float>(uint32_t c0, uint32_t c1) {
-  return {lds128(c0), lds128(c1)};
-}
-template <>
-__device__ __forceinline__ Elem<at::Half>::Raw8 raw_from_chunks<at::Half>(uint32_t c0, uint32_t) {
-  return lds128(c0);
-}
-template <>
-__device__ __forceinline__ Elem<at::BFloat16>::Raw8 raw_from_chunks<at::BFloat16>(uint32_t c0, uint32_t) {
-  return lds128(c0);
-}
-
-constexpr int kMaxThreads8 = 1024;
+constexpr int kThreads8 = 512;
 constexpr int kNormThreads8 = 512;
 
-// The step. Each warp walks its blocks (across the launch's tensors), the next block's absmax prefetched into
-// registers. Default: CTAs of 512 threads, two per SM, loads straight into registers. Opt-in
-// (TORCHLOWBIT_OPTIM_STAGE=1): one CTA of up to 1024 threads per SM that stages the next block's p, g and codes
-// through per-thread shared-memory slots (cp.async) while it steps the current one. Measured on an H200
-// (benchmarks/bench_optim.py, 2026-11-21): staging made the 8-bit Adam step slower (1.92 ms against 1.83 for the
-// default structure), Lion much slower (1.64 against 1.25); kept as an option for further measurement.
+// The step: CTAs of 512 threads, two per SM, loads straight into registers. Each warp walks its blocks (across
+// the launch's tensors), the next block's absmax prefetched into registers. Staging the next block's p, g and
+// codes through shared memory with cp.async (one CTA of 1024 threads per SM) was slower on an H200: 8-bit Adam
+// 2.62 ms against 1.62, Lion 2.31 against 1.17 (benchmarks/NOTES.md).
 template <typename T, int K>
-__global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_constant__ Tensors8<T> tab, const Launch8 l,
-                                                                  const Hyper h) {
+__global__ void __launch_bounds__(kThreads8, 2) update8_kernel(const __grid_constant__ Tensors8<T> tab, const Launch8 l,
+                                                               const Hyper h) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Shared8& sh = *reinterpret_cast<Shared8*>(smem_raw);
   constexpr bool kTwo = has_state2(K);
   constexpr bool kRows2 = state1_rows(K) == 2;
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  const uint32_t stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(&sh.tab[kTwo ? 2 : 1]));
-  const uint32_t stage_size = uint32_t(nthreads) * stage_bytes_per_thread<T, K>();
   const int lane = tid & 31;
   const int nwarps = gridDim.x * (nthreads >> 5);
 
@@ -639,9 +552,8 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_c
   float next1a = 0.0f, next1b = 0.0f, next2 = 0.0f;
   if (blk < tab.units) {
     t = locate(tab, blk, t);
-    prefetch8<T, K>(tab, l, t, blk - tab.first[t], Stage<T, K>{stage0, nthreads}, tid, next1a, next1b, next2);
+    prefetch8<T, K>(tab, t, blk - tab.first[t], next1a, next1b, next2);
   }
-  cp_async_commit();
 
   for (int i = tid; i < 256; i += nthreads) {
     sh.q[0][i] = l.q1[i];
@@ -657,17 +569,8 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_c
   const float* q1 = sh.q[0];
   const float* q2 = sh.q[1];
 
-  for (int s = 0; blk < tab.units; blk += nwarps, s ^= 1) {
+  for (; blk < tab.units; blk += nwarps) {
     const float am1a = next1a, am1b = next1b, am2 = next2;
-    const int64_t nxt = blk + nwarps;
-    int tn = t;
-    if (nxt < tab.units) {
-      tn = locate(tab, nxt, t);
-      prefetch8<T, K>(tab, l, tn, nxt - tab.first[tn], Stage<T, K>{stage0 + (s ^ 1) * stage_size, nthreads}, tid,
-                      next1a, next1b, next2);
-    }
-    cp_async_commit();
-    cp_async_wait_one();  // this thread's copies of block blk have landed
 
     const int64_t b = blk - tab.first[t];  // the block within tensor t
     const Derived& d = sh.derived[t];
@@ -682,19 +585,17 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_c
     const bool full = vec_at(tab, t) && count == 8;
     float pv[8], gv[8];
     uint2 c1a, c1b = make_uint2(0u, 0u), c2 = make_uint2(0u, 0u);
-    if (staged(tab, l, t, b)) {
-      const Stage<T, K> st{stage0 + s * stage_size, nthreads};
-      Elem<T>::unpack8(raw_from_chunks<T>(st.p(0, tid), st.p(1, tid)), pv);
-      Elem<T>::unpack8(raw_from_chunks<T>(st.g(0, tid), st.g(1, tid)), gv);
-      c1a = lds64(st.codes(0, tid));
-      if (kRows2) c1b = lds64(st.codes(1, tid));
-      if (kTwo) c2 = lds64(st.codes(state1_rows(K), tid));
-    } else {
-      load8(p + e0, count, full, pv);
-      load8(tab.g[t] + e0, count, full, gv);
-      c1a = load_codes(s1 + e0, count, full);
-      if (kRows2) c1b = load_codes(s1 + n + e0, count, full);
-      if (kTwo) c2 = load_codes(s2 + e0, count, full);
+    load8(p + e0, count, full, pv);
+    load8(tab.g[t] + e0, count, full, gv);
+    c1a = load_codes(s1 + e0, count, full);
+    if (kRows2) c1b = load_codes(s1 + n + e0, count, full);
+    if (kTwo) c2 = load_codes(s2 + e0, count, full);
+    // the next block's absmax, after this block's loads (before them, Adam's kernel spills)
+    const int64_t nxt = blk + nwarps;
+    int tn = t;
+    if (nxt < tab.units) {
+      tn = locate(tab, nxt, t);
+      prefetch8<T, K>(tab, tn, nxt - tab.first[tn], next1a, next1b, next2);
     }
 
     float n1a[8], n1b[8], n2[8], unused_u = 0.0f, unused_p = 0.0f;
@@ -717,7 +618,6 @@ __global__ void __launch_bounds__(kMaxThreads8, 1) update8_kernel(const __grid_c
     store8(p + e0, count, full, pv);
     t = tn;
   }
-  cp_async_wait_all();
 }
 
 // The max_unorm pass over a launch of one tensor: u as the step computes it, direct loads, per-CTA float64
@@ -1049,35 +949,23 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
     h.partials = l.partials;
     h.npartials = grid;
   }
-  // Default: 512 threads, tables only, as many CTAs per SM as fit (two). Staging: one CTA per SM with as many
-  // threads (1024, 768 or 512) as the tables plus two stages allow.
-  const size_t tables = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
+  const size_t smem = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
   const int device = c10::cuda::current_device();
-  int threads = 512;
-  size_t smem = tables;
-  if (l.stage) {
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    threads = kMaxThreads8;
-    while (threads > 256 && tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>() > size_t(optin))
-      threads -= 256;
-    smem = tables + 2 * size_t(threads) * stage_bytes_per_thread<T, K>();
-  }
   static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
   if (device >= 64 || attribute_set[device] < smem) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     if (device < 64) attribute_set[device] = smem;
   }
-  static int ctas_per_sm[2] = {0, 0};  // [stage]: for this kernel's fixed configurations
-  if (ctas_per_sm[l.stage] == 0) {
+  static int ctas_per_sm = 0;  // for this kernel's fixed configuration
+  if (ctas_per_sm == 0) {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, threads, smem));
-    ctas_per_sm[l.stage] = n > 0 ? n : 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, kThreads8, smem));
+    ctas_per_sm = n > 0 ? n : 1;
   }
   const int grid = static_cast<int>(
-      std::min<int64_t>(ceil_div(nblocks, threads / 32), int64_t(ctas_per_sm[l.stage]) * multiprocessor_count()));
-  update8_kernel<T, K><<<grid, threads, smem, stream>>>(tab, l, h);
+      std::min<int64_t>(ceil_div(nblocks, kThreads8 / 32), int64_t(ctas_per_sm) * multiprocessor_count()));
+  update8_kernel<T, K><<<grid, kThreads8, smem, stream>>>(tab, l, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1092,8 +980,6 @@ void run8(const OptimizerInfo& opt, const std::vector<Item>& items, const at::Te
   l.q2 = opt.state2 ? q2.data_ptr<float>() : nullptr;
   const char* search = std::getenv("TORCHLOWBIT_OPTIM_SEARCH");  // debugging and benchmarks: "tree"
   l.force_tree = search != nullptr && std::string(search) == "tree";
-  const char* staging = std::getenv("TORCHLOWBIT_OPTIM_STAGE");  // benchmarks: "1" stages through cp.async
-  l.stage = staging != nullptr && std::string(staging) == "1";
   const at::TensorOptions options = items[0].p.options();
   const cudaStream_t stream = current_stream();
   run_in_tables<Tensors8>(opt, items, h, [&](auto& tab, auto kc) {

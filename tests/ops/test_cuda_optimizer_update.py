@@ -240,17 +240,6 @@ def test_8bit_search_fallback_and_unsorted_maps(monkeypatch):
         _compare_steps(name, torch.bfloat16, 8, CONFIGS["skip_zeros"], steps=2)
 
 
-def test_8bit_staged_through_shared_memory(monkeypatch):
-    """TORCHLOWBIT_OPTIM_STAGE=1: the cp.async-staged kernel (one CTA of up to 1024 threads per SM)."""
-    monkeypatch.setenv("TORCHLOWBIT_OPTIM_STAGE", "1")
-    for name in NAMES:
-        for dtype in DTYPES:
-            _compare_steps(name, dtype, 8, CONFIGS["skip_zeros"], steps=2)
-    for name in ("adam", "ademamix", "lion"):
-        for shape in ((7, 143), (2_200_001,)):
-            _compare_steps(name, torch.float32, 8, CONFIGS["max_unorm"], shape=shape, steps=2)
-
-
 def test_noncontiguous_and_misaligned_tensors():
     """Views are updated in place (through a contiguous copy), misaligned ones take the element-wise path."""
     gen = _gen(13)
@@ -530,9 +519,10 @@ def test_grouped_cuda_graph_capture(bits):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("env", ["TORCHLOWBIT_OPTIM_STAGE=1", "TORCHLOWBIT_OPTIM_SEARCH=tree"])
-def test_grouped_8bit_staged_and_tree_search_equal_single_tensor_steps(monkeypatch, env):
-    monkeypatch.setenv(*env.split("="))
+@pytest.mark.parametrize("search", ["table", "tree"])
+def test_grouped_8bit_equals_single_tensor_steps(monkeypatch, search):
+    if search == "tree":
+        monkeypatch.setenv("TORCHLOWBIT_OPTIM_SEARCH", "tree")
     shapes = [(7, 143), (2048,), (3, 4099), (100_003,)]
     lr, config = torch.tensor(1e-3), CONFIGS["skip_zeros"]
     for name in NAMES:
