@@ -779,3 +779,37 @@ def test_distributed_state_dict_api_resolves_the_quant_state_keys(device):
     expected = model.state_dict()
     assert state.keys() == expected.keys() and {"0.weight.quant_map", "1.SCB", "1.weight_format"} <= state.keys()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32),
+        lambda: bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False),
+        lambda: bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=3.0),
+    ],
+    ids=["4bit", "int8-t0", "int8-t3"],
+)
+def test_eager_paths_with_and_without_autograd_agree(device, make):
+    # With nothing to differentiate the layers call their op below the autograd keys (frozen_op_call.py): the same
+    # values, and gradients wherever an input or the bias can take one.
+    torch.manual_seed(0)
+    layer = make().to(device)
+    x = torch.randn(5, 64, device=device)
+    x[:, 3] *= 10  # an outlier column for threshold 3
+    with torch.no_grad():
+        frozen = layer(x)
+    assert not frozen.requires_grad
+    layer.bias.requires_grad_(False)
+    assert torch.equal(layer(x), frozen) and not layer(x).requires_grad
+    layer.bias.requires_grad_(True)
+    out = layer(x)
+    assert torch.equal(out, frozen) and out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((32,), 5.0, device=device))
+    x_grad = x.clone().requires_grad_(True)
+    layer.bias.requires_grad_(False)
+    out = layer(x_grad)
+    assert torch.equal(out, frozen) and out.requires_grad
+    out.sum().backward()
+    assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0

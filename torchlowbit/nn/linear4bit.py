@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .frozen_op_call import call_op
 from .params4bit import Params4bit
 from .weight_loading import LoadsQuantizedWeight
 
@@ -66,11 +67,13 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
         if x.dtype == torch.float16 and compute_dtype == torch.float32 and not torch.compiler.is_compiling():
             batch_one = x.numel() == x.shape[-1]
             _warn_once(_SLOW_COMPUTE_DTYPE.format("inference" if batch_one else "inference or training speed"))
-        out = torch.ops.lowbit.gemm_4bit(
-            x.to(compute_dtype), weight.packed, weight.absmax, weight.blocksize, weight.quant_type,
-            list(weight.logical_shape), self.bias, *weight.nested_args(),
+        bias = self.bias
+        A = x if x.dtype == compute_dtype else x.to(compute_dtype)
+        out = call_op(
+            torch.ops.lowbit.gemm_4bit.default, A, weight.packed, weight.absmax, weight.blocksize, weight.quant_type,
+            list(weight.logical_shape), bias, *weight.nested_args(), grad_inputs=(x, bias),
         )  # fmt: skip
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _weight_state(self, weight: Params4bit) -> dict[str, torch.Tensor]:
         weight = self._check_weight(weight)

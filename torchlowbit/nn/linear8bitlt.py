@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from .frozen_op_call import call_op
 from .int8params import Int8Params
 from .weight_loading import LoadsQuantizedWeight
 
@@ -102,7 +103,9 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
             weight = Int8Params.checked(weight, f"{type(self).__name__}.weight")
             if state.force_no_igemmlt:
                 return nn.functional.linear(x, weight.dequantize().to(x.dtype), _cast(self.bias, x.dtype))
-            out, outliers = torch.ops.lowbit.int8_mixed_linear(x, weight.CB, weight.SCB, self.bias, state.threshold)
+            bias = self.bias
+            out, outliers = call_op(torch.ops.lowbit.int8_mixed_linear.default, x, weight.CB, weight.SCB, bias,
+                                    state.threshold, grad_inputs=(x, bias))  # fmt: skip
         elif weight.is_floating_point():
             out, outliers = _TrainableInt8Linear.apply(x, weight, self.bias, state.threshold)
         else:
