@@ -186,13 +186,14 @@ struct QuantShared {
   const Tables8* t8;
   const CodeTable* code8;  // 8-bit nearest
   CodeTableParams tp8;
-  uint32_t* partial;
+  uint32_t* partial;  // two sets of per-warp absmax partials, used by alternate tiles
 };
 
-// One tile of 8 elements per thread. FULL: all elements of the CTA's tile are < n (CTA-uniform).
+// One tile of 8 elements per thread. FULL: all elements of the CTA's tile are < n (CTA-uniform). parity: the
+// CTA's tiles alternate between the two partial sets, so that one barrier a tile orders their writes and reads.
 template <typename T, int MODE, bool FULL>
 __device__ __forceinline__ void quantize_tile(const typename Elem<T>::Raw8& raw, int64_t e0, const QuantArgs& a,
-                                              const QuantShared<MODE>& sh) {
+                                              const QuantShared<MODE>& sh, int parity) {
   constexpr bool k4bit = MODE == kNF4 || MODE == kFP4;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -208,12 +209,12 @@ __device__ __forceinline__ void quantize_tile(const typename Elem<T>::Raw8& raw,
     for (int o = 16; o >= 1; o >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, o & (tpb - 1)));
   }
   if (warps_per_block > 1) {
-    if (lane == 0) sh.partial[warp] = key;
+    uint32_t* partial = sh.partial + parity * (kQuantThreads / 32);
+    if (lane == 0) partial[warp] = key;
     __syncthreads();
+    // lane k reads warp k's partial (warps_per_block <= 16 lanes): one load and one reduction, not a loop
     const int first = warp & ~(warps_per_block - 1);
-    key = sh.partial[first];
-    for (int k = 1; k < warps_per_block; ++k) key = max(key, sh.partial[first + k]);
-    __syncthreads();
+    key = __reduce_max_sync(0xffffffffu, lane < warps_per_block ? partial[first + lane] : 0u);
   }
   const float m = Elem<T>::key_to_float(key);
   if ((threadIdx.x & (tpb - 1)) == 0) {
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kQuantThreads, quantize_min_ctas<T, MODE>())
   constexpr size_t kTableBytes =
       k4bit ? sizeof(Entry4) * 130 : (MODE == kCode8 ? sizeof(Code8Shared) : sizeof(Tables8));
   __shared__ __align__(16) unsigned char tables[kTableBytes];
-  __shared__ uint32_t partial[kQuantThreads / 32];
+  __shared__ uint32_t partial[2 * (kQuantThreads / 32)];
   Entry4* table4 = reinterpret_cast<Entry4*>(tables);
   Tables8* t8 = reinterpret_cast<Tables8*>(tables);
 
@@ -343,18 +344,18 @@ __global__ void __launch_bounds__(kQuantThreads, quantize_min_ctas<T, MODE>())
   int64_t tile = blockIdx.x;
   Raw8 next{};
   if (tile < full_tiles) next = Elem<T>::load8_raw(xt + tile * kQuantTile);
-  for (; tile < ntiles; tile += gridDim.x) {
+  for (int parity = 0; tile < ntiles; tile += gridDim.x, parity ^= 1) {
     const int64_t e0 = tile * kQuantTile + int64_t(threadIdx.x) * 8;
     if (tile < full_tiles) {
       const Raw8 cur = next;
       const int64_t following = tile + gridDim.x;
       if (following < full_tiles) next = Elem<T>::load8_raw(xt + following * kQuantTile);
-      quantize_tile<T, MODE, true>(cur, e0, a, sh);
+      quantize_tile<T, MODE, true>(cur, e0, a, sh, parity);
     } else {
       const int64_t count = a.n - e0;
       Raw8 cur{};
       if (count > 0) cur = Elem<T>::load8_raw_partial(x + e0, count < 8 ? count : 8);
-      quantize_tile<T, MODE, false>(cur, e0, a, sh);
+      quantize_tile<T, MODE, false>(cur, e0, a, sh, parity);
     }
   }
 }
