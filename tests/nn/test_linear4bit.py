@@ -48,7 +48,10 @@ def test_linear_serialization(device, quant_type, compress_statistics, bias, qua
         quant_type=quant_type,
         device="meta",
     )
-    new_weight = bnb.nn.Params4bit(data=linear.weight, quant_type=quant_type, requires_grad=False)
+    # (the seed leaves compress_statistics at its default here, so its "plain" cases were nested)
+    new_weight = bnb.nn.Params4bit(
+        data=linear.weight, quant_type=quant_type, compress_statistics=compress_statistics, requires_grad=False
+    )
     linear_q.weight = new_weight
     if bias:
         linear_q.bias = torch.nn.Parameter(linear.bias)
@@ -94,8 +97,9 @@ def test_linear_serialization(device, quant_type, compress_statistics, bias, qua
         device="meta",
     )
     linear_qs.weight = bnb.nn.Params4bit(
-        data=linear.weight, requires_grad=False, quant_type=quant_type, quant_storage=storage[quant_storage]
-    )
+        data=linear.weight, requires_grad=False, quant_type=quant_type, quant_storage=storage[quant_storage],
+        compress_statistics=compress_statistics,
+    )  # fmt: skip
     if bias:
         linear_qs.bias = torch.nn.Parameter(linear.bias)
     linear_qs = linear_qs.to(device)
@@ -162,6 +166,8 @@ def test_linear_serialization(device, quant_type, compress_statistics, bias, qua
         size_ratio = size_4 / size_orig
         # these numbers get lower as weight shape increases
         target_compression = 0.143 if original_dtype == torch.float32 else 0.29
+        if not compress_statistics:  # a float32 absmax per 64 weights: 0.5625 bytes a weight instead of ~0.51
+            target_compression += 0.01
         ratio_error_msg = (
             f"quantized_size {size_4:,} is larger on disk than {target_compression:.2%} of original size {size_orig:,}"
         )
@@ -229,7 +235,8 @@ def test_state_dict_layout(device, quant_type, compress_statistics, quant_storag
         loaded = torch.load(path, weights_only=True, map_location=device)
     other = bnb.nn.Linear4bit(300, 200, quant_type=quant_type, compress_statistics=compress_statistics,
                               quant_storage=quant_storage, device=device)  # fmt: skip
-    assert other.load_state_dict(loaded, strict=True) is not None
+    result = other.load_state_dict(loaded, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
     x = randn((5, 300), device=device, seed=3)
     assert torch.equal(other(x), layer(x))
 

@@ -129,6 +129,20 @@ def test_linear8bitlt_inference(device, threshold):
     # (the seed's state.CxB check is dropped: legacy tiled layouts are gone)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 3.0], ids=id_formatter("threshold"))
+def test_linear8bitlt_trainable_output_is_close_to_float(device, threshold):
+    """The default Linear8bitLt (has_fp16_weights=True): int8 rows and columns, ~1% from the float layer."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(64, 32).to(device)
+    layer = bnb.nn.Linear8bitLt(64, 32, threshold=threshold).to(device)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 64, device=device)
+    x[:, 5] *= 10  # an outlier column for threshold 3
+    out, want = layer(x), ref(x)
+    assert out.dtype == want.dtype and out.shape == want.shape
+    assert (out - want).norm() / want.norm() < 0.02
+
+
 def test_linear8bitlt_accumulated_gradient(device):
     torch.manual_seed(0)
     l1 = torch.nn.Sequential(*[bnb.nn.Linear8bitLt(32, 32).to(device).half() for i in range(2)])
@@ -138,8 +152,7 @@ def test_linear8bitlt_accumulated_gradient(device):
     l1[0].bias.data.copy_(l2[0].bias.data)
     l1[1].bias.data.copy_(l2[1].bias.data)
 
-    # bnb.optim.Adam32bit is not written yet: torch.optim.Adam for both
-    opt1 = torch.optim.Adam(l1.parameters(), lr=0.001)
+    opt1 = bnb.optim.Adam32bit(l1.parameters(), lr=0.001)
     opt2 = torch.optim.Adam(l2.parameters(), lr=0.001)
 
     acc_steps = 10
@@ -176,19 +189,23 @@ def test_linear8bitlt_accumulated_gradient_with_steps(device):
     l1 = torch.nn.Sequential(*[bnb.nn.Linear8bitLt(32, 32).to(device) for _ in range(2)])
     l2 = torch.nn.Sequential(*[torch.nn.Linear(32, 32).to(device) for _ in range(2)])
     l1.load_state_dict(l2.state_dict())
-    opt1 = torch.optim.Adam(l1.parameters(), lr=0.001)
-    opt2 = torch.optim.Adam(l2.parameters(), lr=0.001)
+    lr = 0.001
+    opt1 = bnb.optim.Adam32bit(l1.parameters(), lr=lr)
+    opt2 = torch.optim.Adam(l2.parameters(), lr=lr)
     for i in range(1, 7):
         b1 = torch.randn(16, 8, 32, device=device)
         l1(b1).mean().backward()
         l2(b1).mean().backward()
         if i % 3 == 0:
+            before = [layer.weight.detach().clone() for layer in l2]
             opt1.step()
             opt1.zero_grad(True)
             opt2.step()
             opt2.zero_grad(True)
-            assert_all_approx_close(l1[0].weight, l2[0].weight, rtol=1.05, atol=0.01, count=2)
-            assert_all_approx_close(l1[1].weight, l2[1].weight, rtol=1.05, atol=0.01, count=2)
+            for layer1, layer2, old in zip(l1, l2, before, strict=True):
+                # Adam moves every weight by about lr; the int8 gradients may only flip the few near zero
+                assert (layer2.weight - old).abs().mean() > 0.5 * lr
+                torch.testing.assert_close(layer1.weight, layer2.weight, atol=2 * lr, rtol=0)
             l1.load_state_dict(l2.state_dict())
         else:
             torch.testing.assert_close(l1[0].weight.grad, l2[0].weight.grad, atol=1e-3, rtol=1e-3)
@@ -319,9 +336,10 @@ module_dict = {
     "NF4+C": lambda d1, d2: bnb.nn.LinearNF4(d1, d2, compress_statistics=True),
     "FP4-C": lambda d1, d2: bnb.nn.LinearFP4(d1, d2, compress_statistics=False),
     "NF4-C": lambda d1, d2: bnb.nn.LinearNF4(d1, d2, compress_statistics=False),
-    "NF4+fp32": lambda d1, d2: bnb.nn.LinearFP4(d1, d2, compute_dtype=torch.float32),
-    "NF4+fp16": lambda d1, d2: bnb.nn.LinearFP4(d1, d2, compute_dtype=torch.float16),
-    "NF4+bf16": lambda d1, d2: bnb.nn.LinearFP4(d1, d2, compute_dtype=torch.bfloat16),
+    # (the seed builds LinearFP4 under these three ids; the port builds what the ids name)
+    "NF4+fp32": lambda d1, d2: bnb.nn.LinearNF4(d1, d2, compute_dtype=torch.float32),
+    "NF4+fp16": lambda d1, d2: bnb.nn.LinearNF4(d1, d2, compute_dtype=torch.float16),
+    "NF4+bf16": lambda d1, d2: bnb.nn.LinearNF4(d1, d2, compute_dtype=torch.bfloat16),
 }
 
 

@@ -1,6 +1,7 @@
 """Optimizers with 8-bit blockwise or 32-bit states, on the ``lowbit`` optimizer update ops.
 
-``Paged*`` variants are accepted for compatibility; their states are ordinary device memory for now.
+``Paged*`` variants keep their states in CUDA managed memory (``lowbit::paged_empty``); on the CPU they are the
+unpaged variants.
 """
 
 from .adam import (
