@@ -111,6 +111,10 @@ class QuantState:
             raise ValueError(f"quant_state is missing keys {sorted(missing)}")
         if qs_dict["quant_type"] not in cls.valid_quant_types:
             raise ValueError(f"quant_type must be one of {cls.valid_quant_types}, got {qs_dict['quant_type']!r}")
+        nested = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
+        if any(k in qs_dict for k in nested) and not all(k in qs_dict for k in nested):
+            missing = sorted(set(nested) - set(qs_dict))
+            raise ValueError(f"a nested quant_state needs all of {nested}, missing {missing}")
         offset = state2 = None
         if "nested_absmax" in qs_dict:
             offset = float(qs_dict["nested_offset"])

@@ -476,8 +476,15 @@ def _mismatched_checkpoints():
         del sd[key]
         return sd
 
+    def replaced(key, value):
+        return {**fresh().state_dict(), key: value}
+
     return {
         "quant_type": lambda: fresh(quant_type="fp4").state_dict(),
+        "missing_nested_absmax": lambda: without("weight.nested_absmax"),
+        "short_absmax": lambda: replaced("weight.absmax", torch.zeros(3, dtype=torch.uint8)),
+        "float_absmax_nested": lambda: replaced("weight.absmax", torch.ones(938)),
+        "codes_cast_to_bf16": lambda: replaced("weight", fresh().state_dict()["weight"].to(torch.bfloat16)),
         "shape": lambda: bnb.nn.Linear4bit(300, 100, quant_type="nf4").state_dict(),
         "blocksize": bs128,
         "missing_absmax": lambda: without("weight.absmax"),
@@ -495,6 +502,10 @@ def _mismatched_checkpoints():
 
 MISMATCH_MESSAGES = {
     "quant_type": "quant_type",
+    "missing_nested_absmax": "needs all of .*missing ..nested_absmax",
+    "short_absmax": "weight.absmax must have 938 elements",
+    "float_absmax_nested": "weight.absmax must have dtype",
+    "codes_cast_to_bf16": "weight.packed",
     "shape": "shape",
     "blocksize": "blocksize",
     "missing_absmax": "absmax",

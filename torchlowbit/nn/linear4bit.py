@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import _dtensor
 from .. import functional as F
 from .frozen_op_call import call_op
 from .params4bit import Params4bit
@@ -103,6 +104,8 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
         ):
             if have != got:
                 raise ValueError(f"checkpoint {what} {got!r} does not match the module's {have!r}")
+        if _dtensor.local(self.weight) is self.weight:  # a row shard holds part of the codes: its copy checks them
+            loaded.check_state(key)  # the checkpoint's inner tensors agree with each other (before any conversion)
         return loaded.with_quant_storage(current.quant_storage)
 
 
