@@ -209,13 +209,24 @@ def _unpack_dict(t: torch.Tensor) -> dict[str, Any]:
     return json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
 
 
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    """Write ``result`` into ``out`` when the caller gave an output buffer."""
+def _into(out: torch.Tensor | None, result: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """Write ``result`` into the caller's buffer ``out`` (argument ``name``), which must match it exactly."""
     if out is None:
         return result
+    if out.dtype != result.dtype:  # a cast would silently change codes or scales
+        raise TypeError(f"{name} must have dtype {result.dtype}, got {out.dtype}")
     if out.shape != result.shape:
-        raise ValueError(f"out must have shape {list(result.shape)}, got {list(out.shape)}")
+        raise ValueError(f"{name} must have shape {list(result.shape)}, got {list(out.shape)}")
     return out.copy_(result)
+
+
+def _result_dtype(out: torch.Tensor | None, default: torch.dtype) -> torch.dtype:
+    """The dtype a dequantizing function writes: ``out``'s when given (a 16- or 32-bit float), else ``default``."""
+    if out is None:
+        return default
+    if out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"out must have dtype float16, bfloat16 or float32, got {out.dtype}")
+    return out.dtype
 
 
 # 8-bit blockwise ---------------------------------------------------------------------------------------------
@@ -238,7 +249,7 @@ def quantize_blockwise(
         qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=blocksize, nested=False)
         state = QuantState(absmax=qabsmax, code=code, blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2)
     else:
-        state = QuantState(absmax=_into(absmax, block_absmax), code=code, blocksize=blocksize, dtype=A.dtype)
+        state = QuantState(absmax=_into(absmax, block_absmax, "absmax"), code=code, blocksize=blocksize, dtype=A.dtype)
     return _into(out, quantized), state
 
 
@@ -260,7 +271,7 @@ def dequantize_blockwise(
     block_absmax = quant_state.absmax
     if quant_state.nested:
         block_absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
-    dtype = out.dtype if out is not None else quant_state.dtype
+    dtype = _result_dtype(out, quant_state.dtype)
     result = torch.ops.lowbit.dequantize_blockwise(
         A, block_absmax.float(), quant_state.code.to(A.device), quant_state.blocksize, dtype
     )
@@ -297,7 +308,7 @@ def quantize_4bit(
         )  # fmt: skip
     else:
         state = QuantState(
-            absmax=_into(absmax, block_absmax), shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+            absmax=_into(absmax, block_absmax, "absmax"), shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
             quant_type=quant_type,
         )  # fmt: skip
     return _into(out, packed), state
@@ -336,8 +347,9 @@ def dequantize_4bit(
             quant_type=quant_type,
         )  # fmt: skip
     block_absmax, nested_absmax, nested_code, offset, nested_blocksize = _nested_args(quant_state)
+    dtype = _result_dtype(out, quant_state.dtype)
     result = torch.ops.lowbit.dequantize_4bit(
-        A, block_absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype,
+        A, block_absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), dtype,
         nested_absmax, nested_code, offset, nested_blocksize,
     )  # fmt: skip
     return _into(out, result)
@@ -403,10 +415,10 @@ def int8_double_quant(
     quant_col, stats_col, _ = torch.ops.lowbit.int8_vectorwise_quant(inliers.t(), 0.0)
     quant_col = quant_col.t()
     return (
-        _into(out_row, quant_row.view(A.shape)),
-        _into(out_col, quant_col.reshape(A.shape)),
-        _into(row_stats, stats_row),
-        _into(col_stats, stats_col),
+        _into(out_row, quant_row.view(A.shape), "out_row"),
+        _into(out_col, quant_col.reshape(A.shape), "out_col"),
+        _into(row_stats, stats_row, "row_stats"),
+        _into(col_stats, stats_col, "col_stats"),
         outlier_cols,
     )
 
@@ -428,7 +440,7 @@ def int8_mm_dequant(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize an int32 product: ``A * row_stats * col_stats / 127**2 + bias`` (float16, or ``out``'s dtype)."""
-    dtype = out.dtype if out is not None else torch.float16
+    dtype = _result_dtype(out, torch.float16)
     return _into(out, torch.ops.lowbit.int8_mm_dequant(A, row_stats, col_stats, dtype, bias))
 
 

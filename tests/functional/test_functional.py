@@ -509,6 +509,43 @@ def test_int8_vectorwise_round_trip_property(device, rows, cols, seed, scale):
     assert (err <= stats.cpu().double()[:, None] / 254 * (1 + 1e-5)).all()
 
 
+def _bad_out_buffers(device):
+    A = randn((64, 64), torch.float32, device, seed=12)
+    q4, s4 = F.quantize_4bit(A, quant_type="nf4")
+    i8 = torch.ones(4, 8, dtype=torch.int8, device=device)
+
+    def empty(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    return [
+        (lambda: F.quantize_blockwise(A, absmax=empty(1, dtype=torch.int64)), "absmax must have dtype torch.float32"),
+        (lambda: F.quantize_blockwise(A, out=empty(64, 64, dtype=torch.int8)), "out must have dtype torch.uint8"),
+        (lambda: F.quantize_4bit(A, out=empty(2048, 1, dtype=torch.float32)), "out must have dtype torch.uint8"),
+        (lambda: F.quantize_4bit(A, absmax=empty(64, dtype=torch.bfloat16)), "absmax must have dtype torch.float32"),
+        (lambda: F.dequantize_4bit(q4, s4, out=empty(64, 64, dtype=torch.int32)), "out must have dtype float16"),
+        (
+            lambda: F.int8_linear_matmul(i8, i8[:3], out=empty(4, 3, dtype=torch.int8)),
+            "out must have dtype torch.int32",
+        ),
+        (lambda: F.int8_double_quant(A, row_stats=empty(64, dtype=torch.float16)), "row_stats must have dtype"),
+    ]
+
+
+def test_out_buffers_of_another_dtype_are_rejected(device):
+    """A cast into the caller's buffer would silently change codes, scales or int32 sums."""
+    for call, message in _bad_out_buffers(device):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+def test_dequantize_4bit_writes_in_the_dtype_of_out(device):
+    A = randn((64, 64), torch.float32, device, seed=13)
+    q, state = F.quantize_4bit(A, quant_type="nf4")
+    out = torch.empty(64, 64, dtype=torch.float16, device=device)
+    assert F.dequantize_4bit(q, state, out=out) is out
+    assert torch.equal(out, F.dequantize_4bit(q, state).half())
+
+
 def test_int8_vectorwise_quant_outlier_columns(device):
     A = randn((6, 20), torch.float16, device, seed=17).clamp(-3, 3)
     q, _, cols = F.int8_vectorwise_quant(A, threshold=6.0)
