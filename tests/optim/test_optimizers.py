@@ -211,7 +211,7 @@ def test_compiled_step_does_not_recompile_when_lr_changes(device):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda ps: bnb.optim.Adam(ps, lr=-1.0), "lr must be >= 0"),
+        (lambda ps: bnb.optim.Adam(ps, lr=-1.0), r"lr must be in \[0.0, inf\)"),
         (lambda ps: bnb.optim.Adam(ps, betas=(1.5, 0.9)), r"betas\[0\] must be in"),
         (lambda ps: bnb.optim.AdamW8bit(ps, amsgrad=True), "amsgrad"),
         (lambda ps: bnb.optim.Adam(ps, eps=-1e-8), "eps must be in"),
@@ -231,6 +231,52 @@ def test_compiled_step_does_not_recompile_when_lr_changes(device):
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make([_param("cpu")])
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda ps: bnb.optim.Adam(ps, betas=(0.9,)), ValueError, r"betas must be a tuple of 2 values"),
+        (lambda ps: bnb.optim.Lion8bit(ps, betas=(0.9, 0.99, 0.5)), ValueError, r"betas must be a tuple of 2"),
+        (lambda ps: bnb.optim.Adam8bit([{"params": ps, "lr": -1.0}]), ValueError, r"lr must be in"),
+        (lambda ps: bnb.optim.Adam8bit([{"params": ps, "betas": (1.5, 2.0)}]), ValueError, r"betas\[0\] must be in"),
+        (lambda ps: bnb.optim.Adam(ps, lr="1e-3"), TypeError, r"lr must be a number, got '1e-3'"),
+        (lambda ps: bnb.optim.Adam(ps, eps=None), TypeError, r"eps must be a number"),
+        (
+            lambda ps: bnb.optim.AdEMAMix8bit(ps, betas=(0.0, 0.999, 0.9999), t_beta3=100),
+            ValueError,
+            r"t_beta3 interpolates .* both must be > 0, got 0.0 and 0.9999",
+        ),
+        (
+            lambda ps: bnb.optim.Adam8bit([*ps, _param("cpu", torch.float64)]),
+            TypeError,
+            r"parameter 1 of group 0 has dtype",
+        ),
+    ],
+)
+def test_bad_groups_and_parameters(make, error, match):
+    """Every group is checked (constructor groups, per-group settings), and parameters the kernels cannot take."""
+    with pytest.raises(error, match=match):
+        make([_param("cpu")])
+
+
+def test_frozen_quantized_weights_may_be_passed():
+    """As in QLoRA, where all of model.parameters() go to the optimizer: only trainable parameters are checked."""
+    layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")
+    opt = bnb.optim.AdamW8bit(layer.parameters())
+    layer(torch.randn(2, 64)).sum().backward()
+    bias = layer.bias.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.bias, bias) and layer.weight.grad is None
+
+
+def test_add_param_group_is_checked_and_leaves_the_groups_unchanged():
+    opt = bnb.optim.Adam8bit([_param("cpu")])
+    for group, error in (({"params": [_param("cpu")], "lr": -1.0}, ValueError),
+                         ({"params": [_param("cpu", torch.float64)]}, TypeError)):  # fmt: skip
+        with pytest.raises(error):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1
 
 
 def test_sgd_without_momentum_is_refused():

@@ -11,11 +11,17 @@ class AdEMAMix(Optimizer8bit):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None,
                  eps=1e-8, weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False) -> None:  # fmt: skip
-        if len(betas) != 3:
-            raise ValueError(f"betas must be (beta1, beta2, beta3), got {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                         weight_decay=weight_decay, min_8bit_size=min_8bit_size)  # fmt: skip
         super().__init__("ademamix", params, defaults, optim_bits, is_paged)
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        beta1, _, beta3 = group["betas"]
+        if group["t_beta3"] and not (beta1 > 0 and beta3 > 0):
+            raise ValueError(
+                f"t_beta3 interpolates log(betas[0]) and log(betas[2]): both must be > 0, got {beta1} and {beta3}"
+            )
 
     def _config(self, group, p):
         """The scheduled ``alpha`` and ``beta3`` of the coming step (as in the AdEMAMix paper)."""

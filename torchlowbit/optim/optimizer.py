@@ -23,6 +23,7 @@ from .global_optim_manager import GlobalOptimManager
 
 _QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"  # how bitsandbytes >= 0.49 nests the quantization state
 _QUANT_STATE_NAMES = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
+_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the update kernels take
 # Built once at import: a compiled first step then copies them instead of tracing their construction.
 _SIGNED_MAP, _UNSIGNED_MAP = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
 
@@ -153,6 +154,8 @@ def _check_only(**arguments: tuple[Any, Any]) -> None:
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
     if not (low <= value < high or (closed_high and value == high)):
         bracket = "]" if closed_high else ")"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
@@ -167,14 +170,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
-        if not isinstance(defaults["lr"], torch.Tensor) and defaults["lr"] < 0:
-            raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
-        _check_range("eps", defaults["eps"], 0.0, float("inf"))
-        _check_range("weight_decay", defaults["weight_decay"], 0.0, float("inf"))
-        for index, beta in enumerate(defaults["betas"]):
-            _check_range(f"betas[{index}]", beta, 0.0, 1.0)
+        self.optimizer_name = optimizer_name  # before the groups are added: _check_group reads it
         super().__init__(params, defaults)
-        self.optimizer_name = optimizer_name
         self.optim_bits = optim_bits
         self.is_paged = is_paged
         self.mng = GlobalOptimManager.get_instance()
@@ -183,6 +180,32 @@ class Optimizer8bit(torch.optim.Optimizer):
         # 32-bit states); a parameter whose state has other map tensors gets a unit of its own, since a grouped
         # op takes one pair of maps for all its parameters
         self._dynamic_maps: dict[int, tuple] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (the constructor's groups come through it too), checked first."""
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]  # frozen ones (e.g. a quantized base weight) are never updated
+        bad = [(i, p.dtype) for i, p in enumerate(params) if p.requires_grad and p.dtype not in _PARAM_DTYPES]
+        if bad:
+            self.param_groups.pop()
+            index, dtype = bad[0]
+            raise TypeError(
+                f"parameter {index} of group {len(self.param_groups)} has dtype {dtype}; the update kernels take "
+                f"{', '.join(str(d) for d in _PARAM_DTYPES)}"
+            )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """A group's hyperparameters (defaults merged in): a ValueError or TypeError naming the bad one."""
+        if not isinstance(group["lr"], torch.Tensor):
+            _check_range("lr", group["lr"], 0.0, float("inf"))
+        _check_range("eps", group["eps"], 0.0, float("inf"))
+        _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+        betas, count = group["betas"], 3 if self.optimizer_name == "ademamix" else 2
+        if not isinstance(betas, (tuple, list)) or len(betas) != count:
+            raise ValueError(f"betas must be a tuple of {count} values, got {betas!r}")
+        for index, beta in enumerate(betas):
+            _check_range(f"betas[{index}]", beta, 0.0, 1.0)
 
     def _overrides(self, p: torch.Tensor) -> dict[str, Any]:
         """The GlobalOptimManager overrides of ``p``'s config."""
