@@ -268,6 +268,7 @@ def dequantize_blockwise(
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         code = _dynamic_map(A.device) if code is None else code
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
+    _checked_state(quant_state, "quant_state", four_bit=False)
     block_absmax = quant_state.absmax
     if quant_state.nested:
         block_absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
@@ -322,8 +323,21 @@ def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=F
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
 
 
-def _nested_args(quant_state: QuantState) -> tuple:
+def _checked_state(state: Any, name: str, four_bit: bool) -> QuantState:
+    """``state`` (the argument ``name``) if it is a ``QuantState`` (of 4-bit codes where ``four_bit``)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
+    if four_bit and state.quant_type not in QuantState.valid_quant_types:
+        raise ValueError(
+            f"{name} must be the state of 4-bit codes (quant_type 'nf4' or 'fp4', from quantize_4bit), got "
+            f"quant_type {state.quant_type!r}"
+        )
+    return state
+
+
+def _nested_args(quant_state: QuantState, name: str = "quant_state") -> tuple:
     """The (absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) arguments of the 4-bit ops."""
+    _checked_state(quant_state, name, four_bit=True)
     if not quant_state.nested:
         return quant_state.absmax, None, None, None, _NESTED_BLOCKSIZE
     state2 = quant_state.state2
@@ -374,7 +388,7 @@ def gemv_4bit(
     """``A @ dequantize_4bit(B, state).T`` for the packed ``(out, in)`` weight ``B`` (any number of rows of A)."""
     if state is None:
         raise ValueError("gemv_4bit needs the weight's QuantState as state=")
-    block_absmax, nested_absmax, nested_code, offset, nested_blocksize = _nested_args(state)
+    block_absmax, nested_absmax, nested_code, offset, nested_blocksize = _nested_args(state, "state")
     result = torch.ops.lowbit.gemm_4bit(
         A, B, block_absmax, state.blocksize, state.quant_type, list(state.shape), None,
         nested_absmax, nested_code, offset, nested_blocksize,

@@ -538,6 +538,21 @@ def test_out_buffers_of_another_dtype_are_rejected(device):
             call()
 
 
+def test_states_of_the_wrong_kind_are_rejected(device):
+    A = randn((64, 64), torch.float32, device, seed=14)
+    q4, _ = F.quantize_4bit(A)
+    q8, s8 = F.quantize_blockwise(A)
+    for call, error, message in [
+        (lambda: F.dequantize_4bit(q4, s8), ValueError, "quant_state must be the state of 4-bit codes"),
+        (lambda: F.dequantize_4bit(q4, {"absmax": s8.absmax}), TypeError, "quant_state must be a QuantState, got dict"),
+        (lambda: F.gemv_4bit(A, q4, state=s8), ValueError, "state must be the state of 4-bit codes"),
+        (lambda: F.dequantize_blockwise(q8, (s8.absmax, s8.code)), TypeError, "must be a QuantState, got tuple"),
+        (lambda: bnb.nn.Params4bit(q4, quant_state=s8), TypeError, "quant_state must be a 4-bit QuantState"),
+    ]:
+        with pytest.raises(error, match=message):
+            call()
+
+
 def test_dequantize_4bit_writes_in_the_dtype_of_out(device):
     A = randn((64, 64), torch.float32, device, seed=13)
     q, state = F.quantize_4bit(A, quant_type="nf4")
