@@ -768,6 +768,30 @@ def test_linear8bitlt_non_float_plain_weight_raises_type_error(device):
         layer(randn((4, 64), device=device))
 
 
+def test_linear8bitlt_weight_of_wrong_shape_raises(device):
+    layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
+    layer.weight = bnb.nn.Int8Params(randn((32, 64), device=device), has_fp16_weights=False)
+    with pytest.raises(ValueError, match=r"Linear8bitLt.weight must have shape \[48, 64\], got \[32, 64\]"):
+        layer(randn((4, 64), device=device))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_inputs_of_other_dtypes_are_named(device, name):
+    layer = LAYERS[name](64, 48, device=device)
+    cls = type(layer).__name__
+    for x in (randn((4, 64), device=device).double(), torch.ones(4, 64, dtype=torch.int64, device=device)):
+        with pytest.raises(TypeError, match=f"{cls} input must have a float dtype .*got {x.dtype}"):
+            layer(x)
+    with pytest.raises(ValueError, match=rf"{cls} input must have shape \(\.\.\., 64\), got \[\]"):
+        layer(torch.tensor(1.0, device=device))
+
+
+@pytest.mark.parametrize("compute_dtype", ["float16", torch.int8, torch.float64])
+def test_linear4bit_compute_dtype_must_be_a_float_dtype(compute_dtype):
+    with pytest.raises(TypeError, match="compute_dtype must be None, torch.float16"):
+        bnb.nn.Linear4bit(64, 48, compute_dtype=compute_dtype)
+
+
 def test_linear4bit_weight_of_wrong_shape_raises(device):
     layer = bnb.nn.LinearNF4(64, 48, device=device)
     layer.weight = bnb.nn.Params4bit(randn((32, 64), device=device), quant_type="nf4")

@@ -9,6 +9,7 @@ from torch import nn
 from .. import _dtensor
 from .. import functional as F
 from .frozen_op_call import call_op
+from .layer_input import check_input
 from .params4bit import Params4bit
 from .weight_loading import LoadsQuantizedWeight
 
@@ -45,6 +46,10 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
             self.weight.data, requires_grad=False, compress_statistics=compress_statistics, quant_type=quant_type,
             quant_storage=quant_storage,
         )  # fmt: skip
+        if compute_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(
+                f"compute_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {compute_dtype!r}"
+            )
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
 
@@ -59,11 +64,7 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._check_weight()
-        if not x.is_floating_point():
-            name = type(self).__name__
-            raise TypeError(f"{name} input must have a float dtype (float16, bfloat16, float32), got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
+        check_input(self, x)
         compute_dtype = self.compute_dtype or x.dtype
         if x.dtype == torch.float16 and compute_dtype == torch.float32 and not torch.compiler.is_compiling():
             batch_one = x.numel() == x.shape[-1]

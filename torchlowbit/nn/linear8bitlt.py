@@ -5,6 +5,7 @@ from torch import nn
 
 from .frozen_op_call import call_op
 from .int8params import Int8Params
+from .layer_input import check_input
 from .weight_loading import LoadsQuantizedWeight
 
 
@@ -96,11 +97,15 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
         self.weight = Int8Params(self.weight.data, requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., {self.in_features}), got {list(x.shape)}")
+        check_input(self, x)
         weight, state = self.weight, self.state
         if isinstance(weight, Int8Params):
             weight = Int8Params.checked(weight, f"{type(self).__name__}.weight")
+            if weight.shape != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{type(self).__name__}.weight must have shape {[self.out_features, self.in_features]}, "
+                    f"got {list(weight.shape)}"
+                )
             if state.force_no_igemmlt:
                 return nn.functional.linear(x, weight.dequantize().to(x.dtype), _cast(self.bias, x.dtype))
             bias = self.bias
