@@ -260,6 +260,20 @@ def test_bad_groups_and_parameters(make, error, match):
         make([_param("cpu")])
 
 
+def test_overrides_are_checked():
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    layer = torch.nn.Linear(4, 4)
+    try:
+        with pytest.raises(ValueError, match="optim_bits must be 8 or 32, got 4"):
+            manager.override_config(layer.weight, "optim_bits", 4)
+        with pytest.raises(ValueError, match="Linear has no parameter 'wieght'"):
+            manager.register_module_override(layer, "wieght", {"optim_bits": 32})
+        assert not manager.pid2config and not manager.module_weight_config_triple
+    finally:
+        manager.initialize()
+
+
 def test_frozen_quantized_weights_may_be_passed():
     """As in QLoRA, where all of model.parameters() go to the optimizer: only trainable parameters are checked."""
     layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")

@@ -62,6 +62,7 @@ class GlobalOptimManager:
             key_value_dict = {key: value}
         if key_value_dict is None:
             raise ValueError("override_config needs key and value, or key_value_dict")
+        _check_override(key_value_dict)
         self.uses_config_override = True
         for p in [parameters] if isinstance(parameters, torch.Tensor) else parameters:
             if id(p) not in self._finalizers:  # forget it with the tensor: a later tensor may reuse its id
@@ -78,5 +79,13 @@ class GlobalOptimManager:
 
     def register_module_override(self, module: nn.Module, param_name: str, config: dict[str, Any]) -> None:
         """Override the config of ``module.<param_name>`` whatever tensor it holds when the optimizer starts."""
+        if not isinstance(getattr(module, param_name, None), torch.Tensor):
+            raise ValueError(f"{type(module).__name__} has no parameter {param_name!r}")
+        _check_override(config)
         self.module_weight_config_triple.append((module, param_name, config))
         self._changed()
+
+
+def _check_override(config: dict[str, Any]) -> None:
+    if "optim_bits" in config and config["optim_bits"] not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32, got {config['optim_bits']!r}")
