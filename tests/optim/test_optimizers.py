@@ -260,6 +260,30 @@ def test_bad_groups_and_parameters(make, error, match):
         make([_param("cpu")])
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda st: st.pop("qmap1"), r"missing \['qmap1'\]"),
+        (lambda st: st.pop("absmax1"), r"missing \['absmax1'\]"),
+        (lambda st: st.pop("step"), r"missing \['step'\]"),
+        (lambda st: st.update(state1=st["state1"][:100]), r"state1 of parameter 0 has shape \[100\]"),
+    ],
+    ids=["qmap1", "absmax1", "step", "shape"],
+)
+def test_load_state_dict_checks_the_saved_states_first(edit, match):
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    opt = bnb.optim.Adam8bit([p])
+    opt.step()
+    saved = opt.state_dict()
+    edit(saved["state"][0])
+    q = torch.nn.Parameter(torch.randn(5000))
+    target = bnb.optim.Adam8bit([q])
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saved)
+    assert not target.state  # nothing loaded
+
+
 def test_overrides_are_checked():
     manager = bnb.optim.GlobalOptimManager.get_instance()
     manager.initialize()

@@ -358,6 +358,12 @@ class Optimizer8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this library or of bitsandbytes (flat or nested quantization state)."""
         states = {k: _flat_state(v) for k, v in state_dict["state"].items()}
+        rule = OPTIMIZERS[self.optimizer_name]
+        # before anything loads; torch checks the group sizes, so pairs of unequal lists end at the shorter
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            for saved_id, p in zip(saved_group["params"], group["params"], strict=False):
+                if states.get(saved_id):
+                    _check_saved_state(states[saved_id], p, rule, saved_id)
         super().load_state_dict({**state_dict, "state": states})
         self._plans.clear()
         # torch.optim casts float states to the parameter's dtype; the states keep their own dtypes here.
@@ -374,6 +380,23 @@ class Optimizer8bit(torch.optim.Optimizer):
                     self._dynamic_maps[id(p)] = _maps(state)
                 if "step" in state:
                     state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
+
+
+def _check_saved_state(saved: dict[str, Any], p: torch.Tensor, rule, index: int) -> None:
+    """A saved parameter state must have the entries and shape a step needs (checked before anything loads)."""
+    eight_bit = isinstance(saved.get("state1"), torch.Tensor) and saved["state1"].dtype == torch.uint8
+    needed = ["step", "state1"] + (["state2"] if rule.has_state2 else [])
+    if eight_bit:
+        needed += ["qmap1", "absmax1"] + (["qmap2", "absmax2"] if rule.has_state2 else [])
+    missing = [name for name in needed if name not in saved]
+    if missing:
+        raise ValueError(f"the saved state of parameter {index} is missing {missing}")
+    expected = ((rule.state1_rows,) if rule.state1_rows > 1 else ()) + tuple(p.shape)
+    if tuple(saved["state1"].shape) != expected:
+        raise ValueError(
+            f"the saved state1 of parameter {index} has shape {list(saved['state1'].shape)}, the parameter needs "
+            f"{list(expected)}"
+        )
 
 
 def _maps(state: dict[str, Any]) -> tuple:
