@@ -45,8 +45,13 @@ def _bin_means(start: float, items: int) -> torch.Tensor:
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """Dynamic tree quantization map: each decade 10^-k holds a linear set of fraction values."""
     non_sign_bits = total_bits - 1
-    extra_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     sign_bit = 0 if signed else 1
+    if max_exponent_bits > non_sign_bits + sign_bit:
+        raise ValueError(
+            f"max_exponent_bits ({max_exponent_bits}) must be at most the {non_sign_bits + sign_bit} non-sign bits "
+            f"of total_bits={total_bits}{'' if signed else ' (unsigned)'}"
+        )
+    extra_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     data: list[float] = []
     for i in range(max_exponent_bits):
         items = 2 ** (i + non_sign_bits - max_exponent_bits + sign_bit)
@@ -66,6 +71,8 @@ def _decade(means: torch.Tensor, exponent: int, signed: bool) -> list[float]:
 
 def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:
     """The NormalFloat map: normal quantiles, 8 positive and 7 negative (NF4 when padded with zeros)."""
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must be in (0.5, 1) (the largest quantile's probability), got {offset}")
     positives = 9 if use_extra_value else 8
     v1 = torch.special.ndtri(torch.linspace(offset, 0.5, positives)[:-1].double()).tolist()
     v3 = (-torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())).tolist()

@@ -169,6 +169,19 @@ def test_dynamic_map_matches_original_construction(signed, max_exponent_bits, to
     assert torch.equal(_bits(ours), _bits(original))
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: F.create_dynamic_map(total_bits=4), r"max_exponent_bits \(7\) must be at most the 3 non-sign bits"),
+        (lambda: F.create_normal_map(offset=2.0), r"offset must be in \(0.5, 1\)"),
+        (lambda: F.create_normal_map(offset=0.5), r"offset must be in \(0.5, 1\)"),
+    ],
+)
+def test_map_constructors_reject_settings_that_have_no_map(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_quantize_blockwise_default_code_is_signed_dynamic_map():
     _, state = F.quantize_blockwise(torch.randn(100))
     assert torch.equal(_bits(state.code.cpu()), _bits(_original_dynamic_map()))

@@ -252,6 +252,8 @@ def test_bad_arguments(make, match):
             TypeError,
             r"parameter 1 of group 0 has dtype",
         ),
+        (lambda ps: bnb.optim.Adam8bit(ps, min_8bit_size=-1), ValueError, r"min_8bit_size must be in \[0, inf\)"),
+        (lambda ps: bnb.optim.LAMB8bit(ps, max_unorm=-1.0), ValueError, r"max_unorm must be in \[0, inf\)"),
     ],
 )
 def test_bad_groups_and_parameters(make, error, match):

@@ -201,6 +201,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             _check_range("lr", group["lr"], 0.0, float("inf"))
         _check_range("eps", group["eps"], 0.0, float("inf"))
         _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+        for name in ("min_8bit_size", "max_unorm"):
+            if name in group:
+                _check_range(name, group[name], 0, float("inf"))
         betas, count = group["betas"], 3 if self.optimizer_name == "ademamix" else 2
         if not isinstance(betas, (tuple, list)) or len(betas) != count:
             raise ValueError(f"betas must be a tuple of {count} values, got {betas!r}")
