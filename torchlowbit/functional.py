@@ -13,6 +13,7 @@ from .codebooks import (
     estimate_quantiles,
     get_4bit_code,
 )
+from .ops.checks import FLOAT_DTYPES
 
 __all__ = [
     "QuantState", "create_dynamic_map", "create_fp8_map", "create_linear_map", "create_normal_map",
@@ -224,7 +225,7 @@ def _result_dtype(out: torch.Tensor | None, default: torch.dtype) -> torch.dtype
     """The dtype a dequantizing function writes: ``out``'s when given (a 16- or 32-bit float), else ``default``."""
     if out is None:
         return default
-    if out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if out.dtype not in FLOAT_DTYPES:
         raise TypeError(f"out must have dtype float16, bfloat16 or float32, got {out.dtype}")
     return out.dtype
 

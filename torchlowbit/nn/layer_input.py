@@ -3,13 +3,13 @@
 import torch
 from torch import nn
 
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ..ops.checks import FLOAT_DTYPES
 
 
 def check_input(layer: nn.Linear, x: torch.Tensor) -> None:
     """``x`` must be a 16- or 32-bit float tensor of shape ``(..., layer.in_features)``."""
     name = type(layer).__name__
-    if x.dtype not in _INPUT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} input must have a float dtype (float16, bfloat16, float32), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != layer.in_features:
         raise ValueError(f"{name} input must have shape (..., {layer.in_features}), got {list(x.shape)}")

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import _dtensor
 from .. import functional as F
+from ..ops.checks import FLOAT_DTYPES
 from .frozen_op_call import call_op
 from .layer_input import check_input
 from .params4bit import Params4bit
@@ -46,7 +47,7 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
             self.weight.data, requires_grad=False, compress_statistics=compress_statistics, quant_type=quant_type,
             quant_storage=quant_storage,
         )  # fmt: skip
-        if compute_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"compute_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {compute_dtype!r}"
             )

@@ -18,12 +18,12 @@ import torch
 
 from .. import _dtensor
 from ..codebooks import create_dynamic_map
+from ..ops.checks import FLOAT_DTYPES
 from ..ops.optimizer_update import BLOCKSIZE, OPTIMIZERS
 from .global_optim_manager import GlobalOptimManager
 
 _QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"  # how bitsandbytes >= 0.49 nests the quantization state
 _QUANT_STATE_NAMES = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
-_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the update kernels take
 # Built once at import: a compiled first step then copies them instead of tracing their construction.
 _SIGNED_MAP, _UNSIGNED_MAP = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
 
@@ -186,13 +186,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         params = self.param_groups[-1]["params"]  # frozen ones (e.g. a quantized base weight) are never updated
-        bad = [(i, p.dtype) for i, p in enumerate(params) if p.requires_grad and p.dtype not in _PARAM_DTYPES]
+        bad = [(i, p.dtype) for i, p in enumerate(params) if p.requires_grad and p.dtype not in FLOAT_DTYPES]
         if bad:
             self.param_groups.pop()
             index, dtype = bad[0]
             raise TypeError(
                 f"parameter {index} of group {len(self.param_groups)} has dtype {dtype}; the update kernels take "
-                f"{', '.join(str(d) for d in _PARAM_DTYPES)}"
+                f"{', '.join(str(d) for d in FLOAT_DTYPES)}"
             )
 
     def _check_group(self, group: dict[str, Any]) -> None:
