@@ -28,29 +28,31 @@
 //   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m <= 8 the
 //     activations; larger m loads them a round at a time), two stages that alternate; full iterations run
 //     without predicates, and the rest of K (a multiple of 4 VEC bytes) one predicated iteration at the end.
-//   - A CTA is 8 warps: WR warps along rows times WK = 8 / WR warps along k (split-K, summed through shared
-//     memory per tile). CTAs are persistent (as many as fit) and loop over tiles of MT * 16 / S * WR rows; WR is
-//     the largest with a nearly even spread of tiles over the CTAs (split-K costs more than a few idle CTAs).
+//   - A CTA is 4-8 warps: WR warps along rows times WK warps along k (split-K, summed through shared memory per
+//     tile). CTAs are persistent (as many as fit) and loop over tiles of MT * 16 / S * WR rows; the CTA shape is
+//     the one with the fewest rows an SM (choose_shape: split-K costs more than a few idle CTAs).
 //     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
 // Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
 // quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
-// kernel runs, in launches of 32) and TORCHLOWBIT_GEMM4BIT_WR (warps along rows of a CTA: 1, 2, 4, 8).
+// kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8) and TORCHLOWBIT_GEMM4BIT_WR
+// (of them along rows).
 #include "lowbit_quantize.h"
 #include "packed_4bit.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
 #include <cstdlib>
 
 namespace lowbit {
 namespace {
 
-constexpr int kGemvThreads = 256;  // 8 warps
-constexpr int kGemvWarps = kGemvThreads / 32;
+constexpr int kGemvThreads = 256;  // at most 8 warps a CTA (p.warps)
 constexpr int kTableBytes = 256 * 256;  // byte table: entry b at 256 * b, lane l's copy at + 4 * l
 constexpr int kFusedMaxMDefault = 32;  // measured crossover with dequantize + cuBLAS: 32-64 rows
 
@@ -73,7 +75,8 @@ struct GemvParams {
   int log2_nested;
   const void* bias;
   int bias_kind;  // 0 none, 1 float32, 2 float16, 3 bfloat16
-  int wr;         // warps along rows (MT * 16 / S rows each); 8 / wr along k
+  int warps;      // warps of a CTA (blockDim.x / 32)
+  int wr;         // of them along rows (MT * 16 / S rows each); warps / wr along k
   int n_tiles;    // ceil(N / (MT * 16 / S * wr))
 };
 
@@ -168,8 +171,8 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   float* s_ncode = reinterpret_cast<float*>(smem + kTableBytes);
   float* s_red = s_ncode + 256;  // fragments: [warp][MT * NT * 4][lane]
 
-  {  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
-    const int b = threadIdx.x;
+  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
+  auto table_entry = [&](int b) {
     const float c_hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float c_lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
     const uint32_t v = Mma<T>::bits(c_hi) | (Mma<T>::bits(c_lo) << 16);
@@ -178,12 +181,14 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
       reinterpret_cast<uint4*>(smem + 256 * b)[(q + b) & 7] = make_uint4(v, v, v, v);
     }
     s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
-  }
+  };
+  table_entry(threadIdx.x);
+  if (threadIdx.x < 256 - blockDim.x) table_entry(threadIdx.x + blockDim.x);  // CTAs of fewer than 8 warps
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3, seg = g % S;
-  const int wr = p.wr, wk = kGemvWarps / wr, wr_idx = warp % wr, wk_idx = warp / wr;
+  const int wr = p.wr, wk = p.warps / wr, wr_idx = warp % wr, wk_idx = warp / wr;
   const int K = p.K, N = p.N, L = p.log2_block;
   const int64_t row_bytes = K >> 1;
   const int n_full = K / kIterElems;
@@ -440,12 +445,12 @@ int fused_max_m() {
   return value;
 }
 
-// Tuning override of the warps along rows of a CTA (1, 2, 4 or 8; 0 or unset: the heuristic).
+// Tuning override of the warps along rows of a CTA (1-8, a divisor of its warps; 0 or unset: the heuristic).
 int forced_wr() {
   static const int value = [] {
     const char* env = std::getenv("TORCHLOWBIT_GEMM4BIT_WR");
     const int v = env != nullptr ? std::atoi(env) : 0;
-    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 0;
+    return v >= 1 && v <= 8 ? v : 0;
   }();
   return value;
 }
@@ -464,15 +469,38 @@ constexpr int64_t gemv_smem_bytes() {
   return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * MT * NT * 4 * 4;
 }
 
-// Warps along rows (warp_rows rows each) of a CTA: the most, unless fewer spread the row tiles over the CTAs
-// that fit at once clearly more evenly (split-K costs more than a few idle CTAs: measured on an H200).
-int choose_wr(int64_t N, int64_t warp_rows, int64_t slots) {
-  int best = 1;
-  double best_eff = 0.0;
-  for (int wr : {8, 4, 2, 1}) {
-    const int64_t tiles = ceil_div(N, warp_rows * wr);
-    const double eff = double(tiles) / double(ceil_div(tiles, slots) * slots);
-    if (eff > best_eff + 0.15) best = wr, best_eff = eff;
+// Tuning override of the warps a CTA (4-8; 0 or unset: the heuristic).
+int forced_warps() {
+  static const int value = [] {
+    const char* env = std::getenv("TORCHLOWBIT_GEMM4BIT_WARPS");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v >= 4 && v <= 8 ? v : 0;
+  }();
+  return value;
+}
+
+struct CtaShape {
+  int warps;  // warps of a CTA
+  int wr;     // of them along rows (the rest split K)
+};
+
+// The CTA shape with the least modelled time: the kernel is bound by each SM's load pipe (ncu), so time goes with
+// the rows an SM takes, waves * CTAs an SM * rows a tile; split-K costs a quarter more (measured on an H200:
+// 4096x14336, m = 1, 8 warps along rows 0.0187 ms against 0.0208 with 4 and an even spread). Fewer than 8 warps
+// a CTA fill the SMs where tiles of 8 warps leave some idle (8192x28672, m = 32: 112 tiles on 132 SMs).
+// `per_sm[w]`: CTAs of w warps that fit on an SM.
+CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& per_sm) {
+  const int64_t sms = multiprocessor_count();
+  CtaShape best{8, 8};
+  double best_time = INFINITY;
+  for (int warps = 8; warps >= 4; --warps) {
+    if (forced_warps() != 0 && warps != forced_warps()) continue;
+    for (int wr = warps; wr >= 1; --wr) {
+      if (warps % wr != 0 || (forced_wr() != 0 && wr != forced_wr())) continue;
+      const int64_t tiles = ceil_div(N, warp_rows * wr), slots = per_sm[warps] * sms;
+      const double time = double(ceil_div(tiles, slots) * per_sm[warps] * wr) * (wr < warps ? 1.25 : 1.0);
+      if (time < best_time) best = {warps, wr}, best_time = time;
+    }
   }
   return best;
 }
@@ -488,12 +516,22 @@ void launch_gemv(GemvParams p) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured[device] = true;
   }
-  const int64_t slots = persistent_grid<gemv_4bit_kernel<T, NT, MT, VEC, S>>(kGemvThreads, INT64_MAX, smem);
+  static const std::array<int, 9> per_sm = [kernel] {  // CTAs of w warps that fit on an SM
+    std::array<int, 9> n{};
+    for (int w = 4; w <= 8; ++w) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n[w], kernel, 32 * w, smem));
+      n[w] = std::max(n[w], 1);
+    }
+    return n;
+  }();
   constexpr int64_t warp_rows = MT * 16 / S;
-  p.wr = forced_wr() != 0 ? forced_wr() : choose_wr(p.N, warp_rows, slots);
+  const CtaShape shape = choose_shape(p.N, warp_rows, per_sm);
+  p.warps = shape.warps;
+  p.wr = shape.wr;
   p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), warp_rows * p.wr));
+  const int64_t slots = int64_t(per_sm[p.warps]) * multiprocessor_count();
   const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
-  kernel<<<grid, kGemvThreads, smem, current_stream()>>>(p);
+  kernel<<<grid, 32 * p.warps, smem, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

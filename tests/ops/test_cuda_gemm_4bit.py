@@ -7,6 +7,9 @@ runs the reference's float32 weights through cuBLAS.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,7 +112,7 @@ def test_cuda_runs_native_kernel():
 @pytest.mark.parametrize("m", [1, 2, 4, 7, 16, 33, 300])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_float64(dtype, quant_type, nested, m):
     # (out, in): several row groups with a partial last one; in = 320 gives 8-byte quads and a partial last
     # iteration (m <= 4 splits rows into 2-8 k-segments, some past in), 96 4-byte quads (gcd with the
@@ -128,6 +131,17 @@ def test_more_row_tiles_than_ctas(m):
     shape = (20008, 192)
     packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=m)
     _check(_activations((m, shape[1]), torch.bfloat16, seed=m), packed, absmax, 64, "nf4", shape, **extra)
+
+
+@pytest.mark.parametrize("warps, wr", [(5, 5), (6, 3), (7, 1)])
+def test_forced_cta_shapes(warps, wr):
+    # The kernel's CTA shape (4-8 warps, some along rows and the rest splitting K) is chosen per shape; the
+    # tuning overrides force one, read once per process: the value tests in a child with each forced.
+    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_WARPS": str(warps), "TORCHLOWBIT_GEMM4BIT_WR": str(wr)}
+    select = "more_row_tiles or (matches_float64 and bfloat16 and nf4)"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
+    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 4096])
