@@ -46,6 +46,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 
@@ -437,21 +438,22 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   }
 }
 
+// A tuning override: the integer in environment variable `name`, or `fallback` when it is unset or outside
+// [lo, hi]. Callers read it once per process.
+int env_override(const char* name, int lo, int hi, int fallback) {
+  const char* env = std::getenv(name);
+  const int v = env != nullptr ? std::atoi(env) : fallback;
+  return v >= lo && v <= hi ? v : fallback;
+}
+
 int fused_max_m() {
-  static const int value = [] {
-    const char* env = std::getenv("TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M");
-    return env != nullptr ? std::atoi(env) : kFusedMaxMDefault;
-  }();
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M", INT_MIN, INT_MAX, kFusedMaxMDefault);
   return value;
 }
 
 // Tuning override of the warps along rows of a CTA (1-8, a divisor of its warps; 0 or unset: the heuristic).
 int forced_wr() {
-  static const int value = [] {
-    const char* env = std::getenv("TORCHLOWBIT_GEMM4BIT_WR");
-    const int v = env != nullptr ? std::atoi(env) : 0;
-    return v >= 1 && v <= 8 ? v : 0;
-  }();
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WR", 1, 8, 0);
   return value;
 }
 
@@ -471,11 +473,7 @@ constexpr int64_t gemv_smem_bytes() {
 
 // Tuning override of the warps a CTA (4-8; 0 or unset: the heuristic).
 int forced_warps() {
-  static const int value = [] {
-    const char* env = std::getenv("TORCHLOWBIT_GEMM4BIT_WARPS");
-    const int v = env != nullptr ? std::atoi(env) : 0;
-    return v >= 4 && v <= 8 ? v : 0;
-  }();
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WARPS", 4, 8, 0);
   return value;
 }
 
