@@ -457,6 +457,12 @@ int forced_wr() {
   return value;
 }
 
+// Tuning override of the warps a CTA (4-8; 0 or unset: the heuristic).
+int forced_warps() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WARPS", 4, 8, 0);
+  return value;
+}
+
 int64_t gcd64(int64_t a, int64_t b) {
   while (b != 0) {
     const int64_t r = a % b;
@@ -469,12 +475,6 @@ int64_t gcd64(int64_t a, int64_t b) {
 template <int NT, int MT>
 constexpr int64_t gemv_smem_bytes() {
   return kTableBytes + 256 * 4 + int64_t(kGemvThreads) * MT * NT * 4 * 4;
-}
-
-// Tuning override of the warps a CTA (4-8; 0 or unset: the heuristic).
-int forced_warps() {
-  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WARPS", 4, 8, 0);
-  return value;
 }
 
 struct CtaShape {
