@@ -34,11 +34,16 @@
 //     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
+// m up to wgmma_max_m() (default 128) on Hopper, where the grid has enough tiles: the fused wgmma kernel of
+// gemm_4bit_wgmma.cu.
 // Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
 // quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
-// kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8) and TORCHLOWBIT_GEMM4BIT_WR
-// (of them along rows).
+// kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8), TORCHLOWBIT_GEMM4BIT_WR
+// (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M and TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma
+// kernel runs).
+#include "gemm_4bit_device.h"
+#include "gemm_4bit_wgmma.h"
 #include "lowbit_quantize.h"
 #include "packed_4bit.h"
 
@@ -56,6 +61,8 @@ namespace {
 constexpr int kGemvThreads = 256;  // at most 8 warps a CTA (p.warps)
 constexpr int kTableBytes = 256 * 256;  // byte table: entry b at 256 * b, lane l's copy at + 4 * l
 constexpr int kFusedMaxMDefault = 32;  // measured crossover with dequantize + cuBLAS: 32-64 rows
+// Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
+constexpr int kWgmmaMaxMDefault = 128;
 
 struct GemvParams {
   const uint8_t* packed;  // (N, K / 2) bytes, rows 4 * VEC-byte aligned
@@ -111,33 +118,6 @@ struct Mma<at::Half> {
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 };
-
-// Streaming loads of the packed weight (read once: no L1 allocation).
-__device__ __forceinline__ uint2 load_stream8(const uint8_t* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
-  uint32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ float load_bias(const void* bias, int kind, int64_t i) {
-  switch (kind) {
-    case 1: return __ldg(static_cast<const float*>(bias) + i);
-    case 2: return __half2float(static_cast<const __half*>(bias)[i]);
-    case 3: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);
-    default: return 0.0f;
-  }
-}
-
-// Offset in the byte table of byte `b` of `w` in this lane's copy (`lane4` = 4 * lane, bytes 1-3 zero): one
-// PRMT puts the byte above the lane offset, so a lookup is one PRMT and one LDS.
-__device__ __forceinline__ uint32_t table_offset(uint32_t w, int b, uint32_t lane4) {
-  return __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4));
-}
 
 // VEC bytes (8 or 4) of a packed row as VEC / 4 words.
 template <int VEC>
@@ -438,16 +418,14 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   }
 }
 
-// A tuning override: the integer in environment variable `name`, or `fallback` when it is unset or outside
-// [lo, hi]. Callers read it once per process.
-int env_override(const char* name, int lo, int hi, int fallback) {
-  const char* env = std::getenv(name);
-  const int v = env != nullptr ? std::atoi(env) : fallback;
-  return v >= lo && v <= hi ? v : fallback;
-}
-
 int fused_max_m() {
   static const int value = env_override("TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M", INT_MIN, INT_MAX, kFusedMaxMDefault);
+  return value;
+}
+
+// Rows of A up to which the wgmma kernel (sm_90a) runs where the fused kernel does not; dequantize + cuBLAS above.
+int wgmma_max_m() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M", INT_MIN, INT_MAX, kWgmmaMaxMDefault);
   return value;
 }
 
@@ -566,10 +544,8 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
   } else {
     p.absmax = absmax.data_ptr<float>();
   }
-  if (bias != nullptr) {
-    p.bias = bias->data_ptr();
-    p.bias_kind = bias->scalar_type() == at::kFloat ? 1 : bias->scalar_type() == at::kHalf ? 2 : 3;
-  }
+  p.bias = bias != nullptr ? bias->data_ptr() : nullptr;
+  p.bias_kind = bias_kind(bias);
   const int64_t g = gcd64(K, int64_t(1) << log2_block);
   const int vec = static_cast<int>(std::min<int64_t>(8, g / 8));  // 16 spills registers
 
@@ -653,8 +629,12 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     }
     if (bias.has_value()) bias_c = bias->contiguous();
     at::Tensor out2 = at::empty({M, N}, A.options());
-    if (gemv_fused(A2, packed, am, log2_block, fp4, nested ? &nabs : nullptr, nested ? &ncode : nullptr,
-                   nested ? &noff : nullptr, log2_nested, bias.has_value() ? &bias_c : nullptr, N, K, out2)) {
+    const at::Tensor* nested_args[3] = {nested ? &nabs : nullptr, nested ? &ncode : nullptr, nested ? &noff : nullptr};
+    const at::Tensor* bias_arg = bias.has_value() ? &bias_c : nullptr;
+    if (gemv_fused(A2, packed, am, log2_block, fp4, nested_args[0], nested_args[1], nested_args[2], log2_nested,
+                   bias_arg, N, K, out2) ||
+        (M <= wgmma_max_m() && gemm_4bit_wgmma(A2, packed, am, log2_block, fp4, nested_args[0], nested_args[1],
+                                               nested_args[2], log2_nested, bias_arg, N, K, out2))) {
       return out2.view(out_shape);
     }
   }

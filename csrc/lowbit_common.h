@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -137,6 +138,14 @@ inline int multiprocessor_count() {
     counts[device] = n;
   }
   return counts[device];
+}
+
+// A tuning override: the integer in environment variable `name`, or `fallback` when it is unset or outside
+// [lo, hi]. Callers read it once per process.
+inline int env_override(const char* name, int lo, int hi, int fallback) {
+  const char* env = std::getenv(name);
+  const int v = env != nullptr ? std::atoi(env) : fallback;
+  return v >= lo && v <= hi ? v : fallback;
 }
 
 // Persistent grid: as many CTAs as fit on the device at once, but no more than there is work for.

@@ -1,7 +1,8 @@
 """The CUDA kernel of lowbit::gemm_4bit (csrc/gemm_4bit.cu) against a float64 product of the reference's weights.
 
 A 16-bit A multiplies weights rounded to A's dtype (the fused kernel rounds the 16 code values and applies the
-float32 absmax after the product; the many-rows path rounds code * absmax), with float32 accumulation: every
+float32 absmax after the product; the wgmma kernel and the dequantize path round code * absmax), with float32
+accumulation: every
 output must lie within its final rounding plus that weight rounding and float32 accumulation error. A float32 A
 runs the reference's float32 weights through cuBLAS.
 """
@@ -144,6 +145,33 @@ def test_forced_cta_shapes(warps, wr):
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
 
 
+def _wgmma_device():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def test_forced_wgmma_kernel():
+    # The many-rows wgmma kernel (Hopper) runs by default only where the grid has enough tiles (large layers) and
+    # m <= 128; forced for every shape it takes (K % 64 == 0, blocksize >= 64), the value tests run in a child.
+    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}
+    select = "matches_float64 or bias_dtypes or blocksizes or nested_blocksizes or path_switch or graph_capture"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
+    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _wgmma_device(), reason="the wgmma kernel is for Hopper")
+def test_wgmma_kernel_runs_on_large_layers():
+    # 128-row tiles, 2 an SM: the default rule (1.5 tiles an SM, m <= 128) picks the wgmma kernel
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shape = (256 * sms, 128)
+    packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=4)
+    A = _activations((64, shape[1]), torch.bfloat16, seed=4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _check(A, packed, absmax, 64, "nf4", shape, **extra)
+    names = [e.name for e in prof.events()]
+    assert any("gemm_4bit_wgmma" in n for n in names), sorted(set(names))
+
+
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 4096])
 @pytest.mark.parametrize("quant_storage", STORAGES)
 def test_blocksizes_and_storages(blocksize, quant_storage):
@@ -153,7 +181,7 @@ def test_blocksizes_and_storages(blocksize, quant_storage):
     for i, shape in enumerate(shapes):
         for nested in (False, True):
             packed, absmax, extra = _weight(shape, blocksize, quant_storage, nested, seed=blocksize + i)
-            for m in (1, 9, 20):
+            for m in (1, 9, 20, 70):
                 A = _activations((m, shape[1]), torch.bfloat16, seed=m + i)
                 _check(A, packed, absmax, blocksize, "nf4", shape, **extra)
 
@@ -164,7 +192,7 @@ def test_nested_blocksizes(nested_blocksize):
     packed, qabsmax, extra = _weight(shape, 64, torch.uint8, True, seed=nested_blocksize, nested_blocksize=256)
     extra["nested_absmax"] = torch.rand(-(-qabsmax.numel() // nested_blocksize)) + 0.5
     extra["nested_blocksize"] = nested_blocksize
-    for m in (1, 5, 24):
+    for m in (1, 5, 24, 40):
         A = _activations((m, shape[1]), torch.float16, seed=m)
         _check(A, packed, qabsmax, 64, "fp4", shape, **extra)
 

@@ -16,12 +16,15 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
+    from torchlowbit.ops.cuda_arch import sm90a_defines
+
     sources = sorted(str(p) for p in _CSRC.glob("*.c[up]*"))
+    defines = sm90a_defines()
     cpp_extension.load(
         name="torchlowbit_C",
         sources=sources,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cflags=["-O3", *defines],
+        extra_cuda_cflags=["-O3", "-lineinfo", *defines],
         is_python_module=False,
     )
 

@@ -1,0 +1,420 @@
+// Many rows of A on Hopper: out = A @ dequantize(B).T (+ bias) in one kernel that dequantizes the packed weight
+// into registers and multiplies on the tensor cores with wgmma (sm_90a), float32 accumulation.
+//   - wgmma's M dimension is the weight's rows, so the dequantized weight is the register operand (A of wgmma) and
+//     never goes through shared memory; N is BN rows of the activations (128 or 256), the shared-memory operand
+//     (B of wgmma), K-major as A is stored. A CTA is two warpgroups of 64 weight rows each: a tile of 128 weight
+//     rows x BN rows of A, one tile a CTA, the tiles along A's rows adjacent so that CTAs running together share
+//     weight rows in L2.
+//   - Activations: kStages stages of 64 k (128 bytes of a row: the 128-byte swizzle's width) copied with cp.async
+//     into the swizzled layout wgmma reads, two stages ahead of the multiply. Rows of A past m repeat row m - 1 and
+//     feed only outputs that are never stored.
+//   - Weights: a thread's A-fragment registers hold rows g and g + 8 of its warp's 16 at k 2t, 2t + 1 and 2t + 8,
+//     2t + 9 of each 16 (lane = 4 g + t), i.e. byte t of each 4-byte word of a row. The quad of a row loads its
+//     words t and t + 4 of the stage's 32 bytes and transposes the bytes among its lanes (two shuffles and two
+//     PRMTs a word), then each byte is looked up in a table of float32 code pairs (256 bytes an entry, lane l's
+//     copy at 8 l: one PRMT and one conflict-free LDS.64), multiplied by the block's float32 absmax and rounded to
+//     A's dtype: weights bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the
+//     tensor cores multiply this one, and loaded a stage before that.
+//   - The absmax (decoded as the reference does, nested or plain) is per row and stage: blocksize >= 64.
+// Output: each thread stores its accumulators (plus the bias, in float32) rounded to A's dtype.
+#include "gemm_4bit_wgmma.h"
+
+#include "gemm_4bit_device.h"
+#include "lowbit_quantize.h"
+
+#include <climits>
+
+namespace lowbit {
+namespace {
+
+constexpr int kThreads = 256;           // two warpgroups
+constexpr int kTileRows = 128;          // weight rows of a tile: 64 a warpgroup
+constexpr int kStageK = 64;             // k a stage: 128 bytes of a 16-bit row, the swizzle's width
+constexpr int kWeightStageBytes = kTileRows * kStageK / 2;
+constexpr int kScaleStageBytes = 2 * kTileRows * 4;  // absmax code words, then scales (nested or plain absmax)
+constexpr int kTableBytes = 256 * 256;  // entry b at 256 b: float32 code[b >> 4], code[b & 15]; lane l's at 8 l
+
+struct WgmmaParams {
+  const uint8_t* packed;  // (N, K / 2) bytes, 4-byte aligned rows
+  const void* A;          // (m, K), 16-byte aligned rows
+  void* out;              // (m, N)
+  int m;
+  int N;
+  int K;
+  int log2_block;
+  int fp4;
+  int nested;
+  const float* absmax;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* nested_offset;
+  int log2_nested;
+  const void* bias;
+  int bias_kind;
+  int a_tiles;  // tiles of BN rows along A
+};
+
+// Stages in shared memory, copied stages<BN>() - 2 ahead: as many as fit beside the table.
+template <int BN>
+constexpr int stages() {
+  return BN == 128 ? 6 : 4;
+}
+
+template <int BN>
+constexpr int smem_bytes() {
+  constexpr int kStages = stages<BN>();
+  // 1024: room to align the stages for the swizzle
+  return kTableBytes + 256 * 4 + 1024 + kStages * (BN * 128 + kWeightStageBytes + kScaleStageBytes);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Descriptor of a K-major operand in shared memory with the 128-byte swizzle: rows of 128 bytes, 8-row groups
+// 1024 bytes apart (the stride dimension), the start advanced by 32 bytes for each 16 k inside the row.
+__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an accumulator across the asynchronous multiply.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+#define LOWBIT_ACC8(i)                                                                                    \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define LOWBIT_WGMMA_M64N128K16(TYPE)                                                                          \
+  asm volatile(                                                                                                \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                             \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                       \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                       \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                      \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                            \
+      : LOWBIT_ACC8(0), LOWBIT_ACC8(8), LOWBIT_ACC8(16), LOWBIT_ACC8(24), LOWBIT_ACC8(32), LOWBIT_ACC8(40),     \
+        LOWBIT_ACC8(48), LOWBIT_ACC8(56)                                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+// d (64 x 128 float32 of the warpgroup) += a (this thread's A fragment, 64 x 16) * the B operand at `desc`.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    LOWBIT_WGMMA_M64N128K16("bf16");
+  } else {
+    LOWBIT_WGMMA_M64N128K16("f16");
+  }
+}
+#undef LOWBIT_WGMMA_M64N128K16
+#undef LOWBIT_ACC8
+
+// Byte t (this lane's index in its quad) of the quad's four words w (word j in lane j) into byte j: a 4 x 4 byte
+// transpose, lanes t and t ^ 2 then t and t ^ 1 swapping halves.
+__device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
+  const uint32_t u = __byte_perm(w, __shfl_xor_sync(0xffffffffu, w, 2), t < 2 ? 0x5410u : 0x3276u);
+  return __byte_perm(u, __shfl_xor_sync(0xffffffffu, u, 1), (t & 1) ? 0x3715u : 0x6240u);
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const WgmmaParams p) {
+  constexpr int kStages = stages<BN>();
+  constexpr int kHalves = BN / 128;  // wgmma n128 instructions a 16 k
+  constexpr int kStageBytes = BN * 128;
+  constexpr int kChunks = BN * 8 / kThreads;  // 16-byte activation copies a thread a stage
+  constexpr int kAhead = kStages - 2;         // stages copied ahead of the multiply
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // The table at offset 0 (a lookup's address is then one register plus the window base, LDS [R + UR]); the stages
+  // 1024-aligned after it, by pointer arithmetic on smem_raw (not through an integer, which would make accesses
+  // generic ones).
+  unsigned char* table = smem_raw;
+  float* s_ncode = reinterpret_cast<float*>(table + kTableBytes);
+  unsigned char* after = table + kTableBytes + 256 * 4;
+  unsigned char* a_stages = after + ((1024 - (smem_addr(after) & 1023)) & 1023);
+  unsigned char* w_stages = a_stages + kStages * kStageBytes;       // [stage][row][32 bytes]
+  unsigned char* s_stages = w_stages + kStages * kWeightStageBytes;  // [stage][absmax code words, scales]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t = lane & 3;
+  {  // entry b = tid: 32 copies of the float32 pair, stores rotated so that quarter warps hit different banks
+    const int b = tid;
+    const float hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
+    const float lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
+    const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
+#pragma unroll
+    for (int q = 0; q < 16; ++q) reinterpret_cast<uint4*>(table + 256 * b)[(q + b) & 15] = v;
+    s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
+  }
+
+  const int K = p.K, L = p.log2_block, n_stages = K / kStageK;
+  const int64_t w_base = int64_t(blockIdx.x / p.a_tiles) * kTileRows;
+  const int a_base = (blockIdx.x % p.a_tiles) * BN;
+  // Block of weight row r at element k of the row, as (row's first block, offset in it) so that k adds 32-bit.
+  auto row_block = [&](int r, int64_t& blk, int& rem) {
+    const int64_t e = min(w_base + r, int64_t(p.N) - 1) * K;
+    blk = e >> L;
+    rem = static_cast<int>(e - (blk << L));
+  };
+
+  // Copies of a stage, all cp.async (an ordinary load in flight would hold up the proxy fence of every stage):
+  // activations, c = tid + 256 i: row c / 8, 16-byte chunk c % 8 (swizzled by row % 8); weights, tid: row tid / 2,
+  // 16-byte half tid % 2 (halves swapped in rows with bit 2 set: the dequantizing reads then hit distinct banks);
+  // absmax of row tid % 128: the 4-byte word holding its code (tid < 128, nested) or its scale.
+  const T* a_src[kChunks];
+  uint32_t a_dst[kChunks];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int c = tid + kThreads * i, r = c >> 3, chunk = c & 7;
+    a_src[i] = static_cast<const T*>(p.A) + int64_t(min(a_base + r, p.m - 1)) * K + 8 * chunk;
+    a_dst[i] = smem_addr(a_stages) + r * 128 + ((chunk ^ (r & 7)) << 4);
+  }
+  const int w_row = tid >> 1, w_half = tid & 1;
+  const uint8_t* w_src = p.packed + min(w_base + w_row, int64_t(p.N) - 1) * (K >> 1) + 16 * w_half;
+  const uint32_t w_dst = smem_addr(w_stages) + w_row * 32 + ((w_half ^ ((w_row >> 2) & 1)) << 4);
+  const int s_row = tid & (kTileRows - 1);
+  const bool copies_code = tid < kTileRows;
+  int64_t c_blk;
+  int c_rem;
+  row_block(s_row, c_blk, c_rem);
+  const int64_t c_nblk = p.nested ? c_blk >> p.log2_nested : 0;
+  const int c_nrem = p.nested ? static_cast<int>(c_blk - (c_nblk << p.log2_nested)) : 0;
+  const uint32_t s_dst = smem_addr(s_stages) + 4 * tid;
+  auto copy_weights = [&](int s) {
+    if (s >= n_stages) return;
+    cp_async16(w_dst + (s % kStages) * kWeightStageBytes, w_src + s * (kStageK / 2));
+    const int b = (c_rem + s * kStageK) >> L;
+    const void* src = nullptr;
+    if (!copies_code) {
+      src = p.nested ? p.nested_absmax + c_nblk + ((c_nrem + b) >> p.log2_nested) : p.absmax + c_blk + b;
+    } else if (p.nested) {
+      src = reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p.absmax_q + c_blk + b) & ~uintptr_t(3));
+    }
+    if (src != nullptr) cp_async4(s_dst + (s % kStages) * kScaleStageBytes, src);
+  };
+  auto copy_activations = [&](int s) {
+    if (s >= n_stages) return;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) cp_async16(a_dst[i] + (s % kStages) * kStageBytes, a_src[i] + s * kStageK);
+  };
+
+  // Dequantizing reads: rows g and g + 8 (h = 0, 1) of this warp's 16, words t and t + 4 of each; the code byte of
+  // a row's absmax is byte (block % 4) of the copied word.
+  const int r0 = 16 * warp + (lane >> 2);
+  int64_t d_blk[2];
+  int d_rem[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) row_block(r0 + 8 * h, d_blk[h], d_rem[h]);
+  const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
+  const uint32_t lane8 = 8 * lane;
+  // Stage s's A fragments: frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
+  // (g + 8, 2t + 8).
+  auto dequantize = [&](int s, uint32_t (&frag)[4][4]) {
+    const unsigned char* ws = w_stages + (s % kStages) * kWeightStageBytes;
+    const unsigned char* ss = s_stages + (s % kStages) * kScaleStageBytes;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 8 * h;
+      const float scale = reinterpret_cast<const float*>(ss)[kTileRows + r];
+      float am = scale;
+      if (p.nested) {
+        const int b = static_cast<int>(d_blk[h] & 3) + ((d_rem[h] + s * kStageK) >> L);
+        const uint32_t q = ss[4 * r + (b & 3)];
+        am = __fadd_rn(__fmul_rn(s_ncode[q], scale), offset);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(ws + r * 32 + ((u ^ ((r >> 2) & 1)) << 4) + 4 * t);
+        const uint32_t x = quad_transpose(w, t);  // byte j: k 2t, 2t + 1 of the 8 k of word 4 u + j
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane8));
+          frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
+        }
+      }
+    }
+  };
+
+  float acc[64 * kHalves];
+#pragma unroll
+  for (int i = 0; i < 64 * kHalves; ++i) acc[i] = 0.0f;
+
+  const uint32_t a_stage0 = smem_addr(a_stages);
+  // Stage s: wait for its copies (activations of s, weights of s + 1), start those of s + kAhead (into buffers
+  // whose readers every thread finished before this barrier), multiply, then dequantize stage s + 1 into `next`
+  // while the tensor cores run (its registers were read by stage s - 1's multiplies: wait for those first).
+  auto stage = [&](int s, const uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+    cp_async_wait<kAhead - 1>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    copy_activations(s + kAhead);
+    copy_weights(s + kAhead + 1);
+    cp_async_commit();  // empty groups keep the count uniform
+#pragma unroll
+    for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
+    wgmma_fence();
+    const uint32_t base = a_stage0 + (s % kStages) * kStageBytes;
+#pragma unroll
+    for (int k16 = 0; k16 < 4; ++k16)
+#pragma unroll
+      for (int half = 0; half < kHalves; ++half)
+        wgmma_m64n128k16<T>(acc + 64 * half, cur[k16], swizzle128_desc(base + half * 128 * 128 + 32 * k16));
+    wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
+    wgmma_wait<1>();
+    if (s + 1 < n_stages) dequantize(s + 1, next);
+  };
+
+  copy_weights(0);
+  for (int s = 0; s < kAhead; ++s) {  // group s: activations of s, weights of s + 1 (and of 0 in the first)
+    copy_activations(s);
+    copy_weights(s + 1);
+    cp_async_commit();
+  }
+  cp_async_wait<kAhead - 1>();
+  __syncthreads();  // the table and group 0
+  uint32_t fa[4][4], fb[4][4];
+  dequantize(0, fa);
+  for (int s = 0; s < n_stages; s += 2) {
+    stage(s, fa, fb);
+    if (s + 1 < n_stages) stage(s + 1, fb, fa);
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
+
+  // Accumulator 4 i + 2 h + e of half `half`: weight row g + 8 h of the warp's 16, row 128 half + 8 i + 2 t + e of
+  // the tile's A.
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = w_base + r0 + 8 * h;
+    if (n >= p.N) continue;
+    const float bias = load_bias(p.bias, p.bias_kind, n);
+#pragma unroll
+    for (int half = 0; half < kHalves; ++half)
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int a = a_base + 128 * half + 8 * i + 2 * t + e;
+          if (a < p.m) Elem<T>::store1(out + int64_t(a) * p.N + n, __fadd_rn(acc[64 * half + 4 * i + 2 * h + e], bias));
+        }
+  }
+}
+
+#else  // not an sm_90a pass: gemm_4bit_wgmma never launches it (the host checks the device)
+
+template <typename T, int BN>
+__global__ void gemm_4bit_wgmma_kernel(const WgmmaParams) {}
+
+#endif
+
+template <typename T, int BN>
+void launch(const WgmmaParams& p, int64_t w_tiles) {
+  auto kernel = gemm_4bit_wgmma_kernel<T, BN>;
+  constexpr int smem = smem_bytes<BN>();
+  static bool configured[64] = {false};  // the opt-in shared-memory limit, once per device
+  const int device = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(device < 64);
+  if (!configured[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured[device] = true;
+  }
+  kernel<<<static_cast<unsigned>(w_tiles * p.a_tiles), kThreads, smem, current_stream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tiles below which dequantize + cuBLAS is faster: one tile a CTA, so a grid that does not fill the GPU leaves SMs
+// idle for the whole K loop (H200, m = 64-128: 8192x28672, 1.7 tiles an SM, 1.1-1.3x faster than dequantize +
+// cuBLAS; 4096x14336, 0.85 an SM, even; 4096x4096, 0.24 an SM, 2.2-2.6x slower). Default 1.5 an SM.
+int64_t wgmma_min_tiles() {
+  static const int forced = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES", 0, INT_MAX, -1);
+  return forced >= 0 ? forced : 3 * int64_t(multiprocessor_count()) / 2;
+}
+
+bool sm90a_device() {
+#if defined(LOWBIT_SM90A)
+  const int device = c10::cuda::current_device();
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor& absmax, int log2_block,
+                     int fp4, const at::Tensor* nested_absmax, const at::Tensor* nested_code,
+                     const at::Tensor* nested_offset, int log2_nested, const at::Tensor* bias, int64_t N, int64_t K,
+                     at::Tensor& out2) {
+  const at::ScalarType dtype = A2.scalar_type();
+  if (dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 || K >= (int64_t(1) << 30) ||
+      N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device() ||
+      (nested_absmax != nullptr && reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 4 != 0)) {  // word copies
+    return false;
+  }
+  WgmmaParams p{};
+  p.packed = static_cast<const uint8_t*>(packed.data_ptr());
+  p.A = A2.data_ptr();
+  p.out = out2.data_ptr();
+  p.m = static_cast<int>(A2.size(0));
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.log2_block = log2_block;
+  p.fp4 = fp4;
+  p.nested = nested_absmax != nullptr;
+  if (p.nested) {
+    p.absmax_q = absmax.data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->data_ptr<float>();
+    p.nested_code = nested_code->data_ptr<float>();
+    p.nested_offset = nested_offset->data_ptr<float>();
+    p.log2_nested = log2_nested;
+  } else {
+    p.absmax = absmax.data_ptr<float>();
+  }
+  p.bias = bias != nullptr ? bias->data_ptr() : nullptr;
+  p.bias_kind = bias_kind(bias);
+  // BN = 256 unless 128-row tiles waste fewer rows of A.
+  const int64_t M = A2.size(0), w_tiles = ceil_div(N, kTileRows);
+  const bool wide = ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128;
+  p.a_tiles = static_cast<int>(ceil_div(M, wide ? 256 : 128));
+  const int64_t tiles = w_tiles * p.a_tiles;
+  if (tiles >= INT_MAX || tiles < wgmma_min_tiles()) return false;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (wide) {
+        launch<T, 256>(p, w_tiles);
+      } else {
+        launch<T, 128>(p, w_tiles);
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace lowbit
