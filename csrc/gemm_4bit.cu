@@ -528,24 +528,8 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
   if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;
 
   GemvParams p{};
-  p.packed = static_cast<const uint8_t*>(packed.data_ptr());
+  fill_weight(p, packed, absmax, log2_block, fp4, nested_absmax, nested_code, nested_offset, log2_nested, bias, N, K);
   p.ldo = N;
-  p.N = static_cast<int>(N);
-  p.K = static_cast<int>(K);
-  p.log2_block = log2_block;
-  p.fp4 = fp4;
-  p.nested = nested_absmax != nullptr;
-  if (p.nested) {
-    p.absmax_q = absmax.data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->data_ptr<float>();
-    p.nested_code = nested_code->data_ptr<float>();
-    p.nested_offset = nested_offset->data_ptr<float>();
-    p.log2_nested = log2_nested;
-  } else {
-    p.absmax = absmax.data_ptr<float>();
-  }
-  p.bias = bias != nullptr ? bias->data_ptr() : nullptr;
-  p.bias_kind = bias_kind(bias);
   const int64_t g = gcd64(K, int64_t(1) << log2_block);
   const int vec = static_cast<int>(std::min<int64_t>(8, g / 8));  // 16 spills registers
 

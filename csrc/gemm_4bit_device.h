@@ -31,6 +31,30 @@ inline int bias_kind(const at::Tensor* bias) {
   return bias->scalar_type() == at::kFloat ? 1 : bias->scalar_type() == at::kHalf ? 2 : 3;
 }
 
+// The weight's fields of a kernel's parameters (GemvParams, WgmmaParams: the same names).
+template <typename Params>
+void fill_weight(Params& p, const at::Tensor& packed, const at::Tensor& absmax, int log2_block, int fp4,
+                 const at::Tensor* nested_absmax, const at::Tensor* nested_code, const at::Tensor* nested_offset,
+                 int log2_nested, const at::Tensor* bias, int64_t N, int64_t K) {
+  p.packed = static_cast<const uint8_t*>(packed.data_ptr());
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.log2_block = log2_block;
+  p.fp4 = fp4;
+  p.nested = nested_absmax != nullptr;
+  if (p.nested) {
+    p.absmax_q = absmax.data_ptr<uint8_t>();
+    p.nested_absmax = nested_absmax->data_ptr<float>();
+    p.nested_code = nested_code->data_ptr<float>();
+    p.nested_offset = nested_offset->data_ptr<float>();
+    p.log2_nested = log2_nested;
+  } else {
+    p.absmax = absmax.data_ptr<float>();
+  }
+  p.bias = bias != nullptr ? bias->data_ptr() : nullptr;
+  p.bias_kind = bias_kind(bias);
+}
+
 __device__ __forceinline__ float load_bias(const void* bias, int kind, int64_t i) {
   switch (kind) {
     case 1: return __ldg(static_cast<const float*>(bias) + i);

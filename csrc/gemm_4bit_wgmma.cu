@@ -378,26 +378,10 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
     return false;
   }
   WgmmaParams p{};
-  p.packed = static_cast<const uint8_t*>(packed.data_ptr());
+  fill_weight(p, packed, absmax, log2_block, fp4, nested_absmax, nested_code, nested_offset, log2_nested, bias, N, K);
   p.A = A2.data_ptr();
   p.out = out2.data_ptr();
   p.m = static_cast<int>(A2.size(0));
-  p.N = static_cast<int>(N);
-  p.K = static_cast<int>(K);
-  p.log2_block = log2_block;
-  p.fp4 = fp4;
-  p.nested = nested_absmax != nullptr;
-  if (p.nested) {
-    p.absmax_q = absmax.data_ptr<uint8_t>();
-    p.nested_absmax = nested_absmax->data_ptr<float>();
-    p.nested_code = nested_code->data_ptr<float>();
-    p.nested_offset = nested_offset->data_ptr<float>();
-    p.log2_nested = log2_nested;
-  } else {
-    p.absmax = absmax.data_ptr<float>();
-  }
-  p.bias = bias != nullptr ? bias->data_ptr() : nullptr;
-  p.bias_kind = bias_kind(bias);
   // BN = 256 unless 128-row tiles waste fewer rows of A.
   const int64_t M = A2.size(0), w_tiles = ceil_div(N, kTileRows);
   const bool wide = ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128;
