@@ -34,8 +34,7 @@
 //     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
-// m up to wgmma_max_m() (default 128) on Hopper, where the grid has enough tiles: the fused wgmma kernel of
-// gemm_4bit_wgmma.cu.
+// 33-128 rows on Hopper, where the grid has enough tiles: the fused wgmma kernel of gemm_4bit_wgmma.cu.
 // Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
 // quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
@@ -61,8 +60,6 @@ namespace {
 constexpr int kGemvThreads = 256;  // at most 8 warps a CTA (p.warps)
 constexpr int kTableBytes = 256 * 256;  // byte table: entry b at 256 * b, lane l's copy at + 4 * l
 constexpr int kFusedMaxMDefault = 32;  // measured crossover with dequantize + cuBLAS: 32-64 rows
-// Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
-constexpr int kWgmmaMaxMDefault = 128;
 
 struct GemvParams {
   const uint8_t* packed;  // (N, K / 2) bytes, rows 4 * VEC-byte aligned
@@ -423,12 +420,6 @@ int fused_max_m() {
   return value;
 }
 
-// Rows of A up to which the wgmma kernel (sm_90a) runs where the fused kernel does not; dequantize + cuBLAS above.
-int wgmma_max_m() {
-  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M", INT_MIN, INT_MAX, kWgmmaMaxMDefault);
-  return value;
-}
-
 // Tuning override of the warps along rows of a CTA (1-8, a divisor of its warps; 0 or unset: the heuristic).
 int forced_wr() {
   static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WR", 1, 8, 0);
@@ -485,13 +476,7 @@ template <typename T, int NT, int MT, int VEC, int S>
 void launch_gemv(GemvParams p) {
   auto kernel = gemv_4bit_kernel<T, NT, MT, VEC, S>;
   constexpr int64_t smem = gemv_smem_bytes<NT, MT>();
-  static bool configured[64] = {false};  // the 64 KB table needs the opt-in shared-memory limit, once per device
-  const int device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device < 64);
-  if (!configured[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    configured[device] = true;
-  }
+  raise_smem_limit<gemv_4bit_kernel<T, NT, MT, VEC, S>>(smem);  // the 64 KB table
   static const std::array<int, 9> per_sm = [kernel] {  // CTAs of w warps that fit on an SM
     std::array<int, 9> n{};
     for (int w = 4; w <= 8; ++w) {
@@ -617,8 +602,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     const at::Tensor* bias_arg = bias.has_value() ? &bias_c : nullptr;
     if (gemv_fused(A2, packed, am, log2_block, fp4, nested_args[0], nested_args[1], nested_args[2], log2_nested,
                    bias_arg, N, K, out2) ||
-        (M <= wgmma_max_m() && gemm_4bit_wgmma(A2, packed, am, log2_block, fp4, nested_args[0], nested_args[1],
-                                               nested_args[2], log2_nested, bias_arg, N, K, out2))) {
+        gemm_4bit_wgmma(A2, packed, am, log2_block, fp4, nested_args[0], nested_args[1], nested_args[2], log2_nested,
+                        bias_arg, N, K, out2)) {
       return out2.view(out_shape);
     }
   }

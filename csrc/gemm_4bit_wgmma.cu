@@ -5,8 +5,9 @@
 //     (B of wgmma), K-major as A is stored. A CTA is two warpgroups of 64 weight rows each: a tile of 128 weight
 //     rows x BN rows of A, one tile a CTA, the tiles along A's rows adjacent so that CTAs running together share
 //     weight rows in L2.
-//   - Activations: kStages stages of 64 k (128 bytes of a row: the 128-byte swizzle's width) copied with cp.async
-//     into the swizzled layout wgmma reads, two stages ahead of the multiply. Rows of A past m repeat row m - 1 and
+//   - Stages of 64 k (128 bytes of an activation row: the 128-byte swizzle's width), stages<BN>() - 2 copied ahead
+//     of the multiply, all with cp.async: the activations into the swizzled layout wgmma reads, the weights' 32-byte
+//     row pieces and the absmax one stage further ahead than the activations. Rows of A past m repeat row m - 1 and
 //     feed only outputs that are never stored.
 //   - Weights: a thread's A-fragment registers hold rows g and g + 8 of its warp's 16 at k 2t, 2t + 1 and 2t + 8,
 //     2t + 9 of each 16 (lane = 4 g + t), i.e. byte t of each 4-byte word of a row. The quad of a row loads its
@@ -14,7 +15,7 @@
 //     PRMTs a word), then each byte is looked up in a table of float32 code pairs (256 bytes an entry, lane l's
 //     copy at 8 l: one PRMT and one conflict-free LDS.64), multiplied by the block's float32 absmax and rounded to
 //     A's dtype: weights bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the
-//     tensor cores multiply this one, and loaded a stage before that.
+//     tensor cores multiply this one.
 //   - The absmax (decoded as the reference does, nested or plain) is per row and stage: blocksize >= 64.
 // Output: each thread stores its accumulators (plus the bias, in float32) rounded to A's dtype.
 #include "gemm_4bit_wgmma.h"
@@ -332,17 +333,19 @@ __global__ void gemm_4bit_wgmma_kernel(const WgmmaParams) {}
 
 template <typename T, int BN>
 void launch(const WgmmaParams& p, int64_t w_tiles) {
-  auto kernel = gemm_4bit_wgmma_kernel<T, BN>;
   constexpr int smem = smem_bytes<BN>();
-  static bool configured[64] = {false};  // the opt-in shared-memory limit, once per device
-  const int device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device < 64);
-  if (!configured[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured[device] = true;
-  }
-  kernel<<<static_cast<unsigned>(w_tiles * p.a_tiles), kThreads, smem, current_stream()>>>(p);
+  raise_smem_limit<gemm_4bit_wgmma_kernel<T, BN>>(smem);
+  gemm_4bit_wgmma_kernel<T, BN><<<static_cast<unsigned>(w_tiles * p.a_tiles), kThreads, smem, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
+constexpr int kMaxMDefault = 128;
+
+// Rows of A up to which the kernel runs (above: dequantize + cuBLAS).
+int wgmma_max_m() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M", INT_MIN, INT_MAX, kMaxMDefault);
+  return value;
 }
 
 // Tiles below which dequantize + cuBLAS is faster: one tile a CTA, so a grid that does not fill the GPU leaves SMs
@@ -372,7 +375,7 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
                      const at::Tensor* nested_offset, int log2_nested, const at::Tensor* bias, int64_t N, int64_t K,
                      at::Tensor& out2) {
   const at::ScalarType dtype = A2.scalar_type();
-  if (dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 || K >= (int64_t(1) << 30) ||
+  if (A2.size(0) > wgmma_max_m() || dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 || K >= (int64_t(1) << 30) ||
       N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device() ||
       (nested_absmax != nullptr && reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 4 != 0)) {  // word copies
     return false;

@@ -148,6 +148,17 @@ inline int env_override(const char* name, int lo, int hi, int fallback) {
   return v >= lo && v <= hi ? v : fallback;
 }
 
+// Raises Kernel's dynamic shared-memory limit on the current device to `smem` bytes (more than 48 KB needs the
+// opt-in), once per device and size.
+template <auto Kernel>
+inline void raise_smem_limit(size_t smem) {
+  static size_t set[64] = {};  // per device: the limit last set
+  const int device = c10::cuda::current_device();
+  if (device < 64 && set[device] >= smem) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (device < 64) set[device] = smem;
+}
+
 // Persistent grid: as many CTAs as fit on the device at once, but no more than there is work for.
 // `smem`: the kernel's dynamic shared memory, the same at every launch of this Kernel.
 template <auto Kernel>

@@ -950,13 +950,7 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
     h.npartials = grid;
   }
   const size_t smem = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
-  const int device = c10::cuda::current_device();
-  static size_t attribute_set[64] = {};  // per device: the dynamic shared memory limit last set
-  if (device >= 64 || attribute_set[device] < smem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(update8_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    if (device < 64) attribute_set[device] = smem;
-  }
+  raise_smem_limit<update8_kernel<T, K>>(smem);
   static int ctas_per_sm = 0;  // for this kernel's fixed configuration
   if (ctas_per_sm == 0) {
     int n = 0;
