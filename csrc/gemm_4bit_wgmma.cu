@@ -28,12 +28,58 @@
 namespace lowbit {
 namespace {
 
-constexpr int kThreads = 256;           // two warpgroups
-constexpr int kTileRows = 128;          // weight rows of a tile: 64 a warpgroup
 constexpr int kStageK = 64;             // k a stage: 128 bytes of a 16-bit row, the swizzle's width
-constexpr int kWeightStageBytes = kTileRows * kStageK / 2;
-constexpr int kScaleStageBytes = 2 * kTileRows * 4;  // absmax code words, then scales (nested or plain absmax)
 constexpr int kTableBytes = 256 * 256;  // entry b at 256 b: float32 code[b >> 4], code[b & 15]; lane l's at 8 l
+constexpr int kSmemBytes = 227 * 1024;  // the most a CTA can have (sm_90)
+
+// A CTA: WG warpgroups of 64 weight rows each, BN rows of A.
+template <int WG>
+constexpr int threads() {
+  return 128 * WG;
+}
+template <int WG>
+constexpr int tile_rows() {
+  return 64 * WG;
+}
+// Up to 32 rows of A the tensor cores multiply the 16-bit codes and each stage's product is scaled by the absmax
+// afterwards (a second accumulator a stage: registers that larger tiles do not have); larger tiles multiply the
+// dequantized weights (code * absmax rounded, bit-identical to dequantize_4bit's).
+template <int BN>
+constexpr bool scale_after() {
+  return BN <= 32;
+}
+template <int BN, int WG>
+constexpr int stage_bytes() {  // activations, absmax (code words, then scales)
+  return BN * 128 + 2 * tile_rows<WG>() * 4;
+}
+// Weights are copied 4 stages at a time: a row's 128-byte line.
+constexpr int kWeightCopyStages = 4;
+template <int WG>
+constexpr int weight_copy_bytes() {
+  return tile_rows<WG>() * kWeightCopyStages * kStageK / 2;
+}
+// Weight copies in flight: one is written stages - 2 + 1 stages ahead of the stage that reads it and its buffer
+// is free once the 4 stages it holds are dequantized.
+constexpr int weight_copies(int stages) {
+  return (stages + 5) / kWeightCopyStages;
+}
+constexpr int kFixedBytes = kTableBytes + 256 * 4 + 1024;  // table, nested code, room to align the stages
+
+template <int BN, int WG>
+constexpr int smem_bytes_for(int stages) {
+  return kFixedBytes + stages * stage_bytes<BN, WG>() + weight_copies(stages) * weight_copy_bytes<WG>();
+}
+// Stages in shared memory, copied stages() - 2 ahead: as many as fit beside the table, at most 8.
+template <int BN, int WG>
+constexpr int stages() {
+  int n = 8;
+  while (n > 3 && smem_bytes_for<BN, WG>(n) > kSmemBytes) --n;
+  return n;
+}
+template <int BN, int WG>
+constexpr int smem_bytes() {
+  return smem_bytes_for<BN, WG>(stages<BN, WG>());
+}
 
 struct WgmmaParams {
   const uint8_t* packed;  // (N, K / 2) bytes, 4-byte aligned rows
@@ -55,19 +101,6 @@ struct WgmmaParams {
   int bias_kind;
   int a_tiles;  // tiles of BN rows along A
 };
-
-// Stages in shared memory, copied stages<BN>() - 2 ahead: as many as fit beside the table.
-template <int BN>
-constexpr int stages() {
-  return BN == 128 ? 6 : 4;
-}
-
-template <int BN>
-constexpr int smem_bytes() {
-  constexpr int kStages = stages<BN>();
-  // 1024: room to align the stages for the swizzle
-  return kTableBytes + 256 * 4 + 1024 + kStages * (BN * 128 + kWeightStageBytes + kScaleStageBytes);
-}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -102,33 +135,54 @@ __device__ __forceinline__ void wgmma_wait() {
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous multiply.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-#define LOWBIT_ACC8(i)                                                                                    \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
-      "+f"(d[i + 7])
-#define LOWBIT_WGMMA_M64N128K16(TYPE)                                                                          \
-  asm volatile(                                                                                                \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                             \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                       \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                       \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                      \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                            \
-      : LOWBIT_ACC8(0), LOWBIT_ACC8(8), LOWBIT_ACC8(16), LOWBIT_ACC8(24), LOWBIT_ACC8(32), LOWBIT_ACC8(40),     \
-        LOWBIT_ACC8(48), LOWBIT_ACC8(56)                                                                       \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+#define LOWBIT_ACC4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define LOWBIT_ACC8(i) LOWBIT_ACC4(i), LOWBIT_ACC4(i + 4)
+#define LOWBIT_ACC32(i) LOWBIT_ACC8(i), LOWBIT_ACC8(i + 8), LOWBIT_ACC8(i + 16), LOWBIT_ACC8(i + 24)
+// One m64nNk16 wgmma; OPERANDS: the N / 2 accumulators, the A fragment and the descriptor, as numbered in the asm
+// (the accumulators first); SCALE: the scale-d operand's (0: d = a * b, 1: d += a * b).
+#define LOWBIT_WGMMA(N, TYPE, OPERANDS, SCALE, ...)                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                            \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " OPERANDS ", p, 1, 1, 0;\n}\n" \
+               : __VA_ARGS__                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)))
+#define LOWBIT_WGMMA_TYPES(N, OPERANDS, SCALE, ...)        \
+  if constexpr (std::is_same_v<T, at::BFloat16>) {         \
+    LOWBIT_WGMMA(N, "bf16", OPERANDS, SCALE, __VA_ARGS__); \
+  } else {                                                 \
+    LOWBIT_WGMMA(N, "f16", OPERANDS, SCALE, __VA_ARGS__);  \
+  }
 
-// d (64 x 128 float32 of the warpgroup) += a (this thread's A fragment, 64 x 16) * the B operand at `desc`.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float* d, const uint32_t (&a)[4], uint64_t desc) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    LOWBIT_WGMMA_M64N128K16("bf16");
-  } else {
-    LOWBIT_WGMMA_M64N128K16("f16");
+// d (64 x N float32 of the warpgroup) = a (this thread's A fragment, 64 x 16) * the B operand (N x 16) at `desc`,
+// plus d if `accumulate`.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
+  if constexpr (N == 8) {
+    LOWBIT_WGMMA_TYPES(8, "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8", "%9", LOWBIT_ACC4(0));
+  } else if constexpr (N == 16) {
+    LOWBIT_WGMMA_TYPES(16, "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12", "%13", LOWBIT_ACC8(0));
+  } else if constexpr (N == 32) {
+    LOWBIT_WGMMA_TYPES(32,
+                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20",
+                       "%21", LOWBIT_ACC8(0), LOWBIT_ACC8(8));
+  } else if constexpr (N == 64) {
+    LOWBIT_WGMMA_TYPES(64,
+                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36",
+                       "%37", LOWBIT_ACC32(0));
+  } else if constexpr (N == 128) {
+    LOWBIT_WGMMA_TYPES(128,
+                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68",
+                       "%69", LOWBIT_ACC32(0), LOWBIT_ACC32(32));
   }
 }
-#undef LOWBIT_WGMMA_M64N128K16
+#undef LOWBIT_WGMMA_TYPES
+#undef LOWBIT_WGMMA
+#undef LOWBIT_ACC32
 #undef LOWBIT_ACC8
+#undef LOWBIT_ACC4
 
 // Byte t (this lane's index in its quad) of the quad's four words w (word j in lane j) into byte j: a 4 x 4 byte
 // transpose, lanes t and t ^ 2 then t and t ^ 1 swapping halves.
@@ -137,13 +191,25 @@ __device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
   return __byte_perm(u, __shfl_xor_sync(0xffffffffu, u, 1), (t & 1) ? 0x3715u : 0x6240u);
 }
 
-template <typename T, int BN>
-__global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const WgmmaParams p) {
-  constexpr int kStages = stages<BN>();
-  constexpr int kHalves = BN / 128;  // wgmma n128 instructions a 16 k
+// A stage's registers: the A fragments frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
+// (g + 8, 2t + 8), and the absmax of rows g and g + 8 (used with scale_after).
+struct StageRegs {
+  uint32_t frag[4][4];
+  float am[2];
+};
+
+template <typename T, int BN, int WG>
+__global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const WgmmaParams p) {
+  constexpr int kThreads = threads<WG>(), kTileRows = tile_rows<WG>();
+  constexpr int kStages = stages<BN, WG>(), kAhead = kStages - 2;  // stages copied ahead of the multiply
+  constexpr int kWeightCopies = weight_copies(kStages), kWeightCopyBytes = weight_copy_bytes<WG>();
+  constexpr bool kScaleAfter = scale_after<BN>();
+  constexpr int kN = BN < 128 ? BN : 128;  // wgmma's N
+  constexpr int kHalves = BN / kN;         // wgmma instructions a 16 k
   constexpr int kStageBytes = BN * 128;
-  constexpr int kChunks = BN * 8 / kThreads;  // 16-byte activation copies a thread a stage
-  constexpr int kAhead = kStages - 2;         // stages copied ahead of the multiply
+  constexpr int kScaleStageBytes = 2 * kTileRows * 4;
+  constexpr int kChunks = (BN * 8 + kThreads - 1) / kThreads;  // 16-byte activation copies a thread a stage
+  constexpr int kWeightChunks = kWeightCopyBytes / 16 / kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // The table at offset 0 (a lookup's address is then one register plus the window base, LDS [R + UR]); the stages
   // 1024-aligned after it, by pointer arithmetic on smem_raw (not through an integer, which would make accesses
@@ -152,18 +218,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const Wgmm
   float* s_ncode = reinterpret_cast<float*>(table + kTableBytes);
   unsigned char* after = table + kTableBytes + 256 * 4;
   unsigned char* a_stages = after + ((1024 - (smem_addr(after) & 1023)) & 1023);
-  unsigned char* w_stages = a_stages + kStages * kStageBytes;       // [stage][row][32 bytes]
-  unsigned char* s_stages = w_stages + kStages * kWeightStageBytes;  // [stage][absmax code words, scales]
+  unsigned char* s_stages = a_stages + kStages * kStageBytes;         // [stage][absmax code words, scales]
+  unsigned char* w_copies = s_stages + kStages * kScaleStageBytes;    // [copy][row][128 bytes]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = lane & 3;
-  {  // entry b = tid: 32 copies of the float32 pair, stores rotated so that quarter warps hit different banks
+  if (tid < 256) {  // entry b = tid, 32 copies, stores rotated so that quarter warps hit different banks
     const int b = tid;
     const float hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
-    const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
+    uint4* entry = reinterpret_cast<uint4*>(table + 256 * b);
+    if constexpr (kScaleAfter) {  // the code pair rounded to A's dtype, lane l's at 4 l
+      const uint32_t e = Elem<T>::pack2(hi, lo);
 #pragma unroll
-    for (int q = 0; q < 16; ++q) reinterpret_cast<uint4*>(table + 256 * b)[(q + b) & 15] = v;
+      for (int q = 0; q < 8; ++q) entry[(q + b) & 7] = make_uint4(e, e, e, e);
+    } else {  // the float32 pair, lane l's at 8 l
+      const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
+#pragma unroll
+      for (int q = 0; q < 16; ++q) entry[(q + b) & 15] = v;
+    }
     s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   }
 
@@ -177,21 +250,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const Wgmm
     rem = static_cast<int>(e - (blk << L));
   };
 
-  // Copies of a stage, all cp.async (an ordinary load in flight would hold up the proxy fence of every stage):
-  // activations, c = tid + 256 i: row c / 8, 16-byte chunk c % 8 (swizzled by row % 8); weights, tid: row tid / 2,
-  // 16-byte half tid % 2 (halves swapped in rows with bit 2 set: the dequantizing reads then hit distinct banks);
-  // absmax of row tid % 128: the 4-byte word holding its code (tid < 128, nested) or its scale.
+  // Copies, all cp.async (an ordinary load in flight would hold up the proxy fence of every stage):
+  //   - activations of a stage, c = tid + kThreads i: row c / 8, 16-byte chunk c % 8 (swizzled by row % 8);
+  //   - weights of 4 stages, chunk q = tid + kThreads i: row q / 8, 16-byte piece q % 8 (swizzled by row % 8: the
+  //     dequantizing reads then hit distinct banks), so that 8 lanes copy a row's whole line;
+  //   - absmax of a stage, row tid % kTileRows: the 4-byte word holding its code (tid < kTileRows, nested) or its
+  //     scale.
   const T* a_src[kChunks];
   uint32_t a_dst[kChunks];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
-    const int c = tid + kThreads * i, r = c >> 3, chunk = c & 7;
+    const int c = min(tid + kThreads * i, BN * 8 - 1), r = c >> 3, chunk = c & 7;  // BN * 8 < kThreads: repeats
     a_src[i] = static_cast<const T*>(p.A) + int64_t(min(a_base + r, p.m - 1)) * K + 8 * chunk;
     a_dst[i] = smem_addr(a_stages) + r * 128 + ((chunk ^ (r & 7)) << 4);
   }
-  const int w_row = tid >> 1, w_half = tid & 1;
-  const uint8_t* w_src = p.packed + min(w_base + w_row, int64_t(p.N) - 1) * (K >> 1) + 16 * w_half;
-  const uint32_t w_dst = smem_addr(w_stages) + w_row * 32 + ((w_half ^ ((w_row >> 2) & 1)) << 4);
+  const int w_piece = tid & 7;
+  const uint8_t* w_src[kWeightChunks];
+#pragma unroll
+  for (int i = 0; i < kWeightChunks; ++i) {
+    const int r = (tid >> 3) + kThreads / 8 * i;
+    w_src[i] = p.packed + min(w_base + r, int64_t(p.N) - 1) * (K >> 1) + 16 * w_piece;
+  }
+  const uint32_t w_dst = smem_addr(w_copies) + (tid >> 3) * 128 + ((w_piece ^ ((tid >> 3) & 7)) << 4);
   const int s_row = tid & (kTileRows - 1);
   const bool copies_code = tid < kTileRows;
   int64_t c_blk;
@@ -200,38 +280,65 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const Wgmm
   const int64_t c_nblk = p.nested ? c_blk >> p.log2_nested : 0;
   const int c_nrem = p.nested ? static_cast<int>(c_blk - (c_nblk << p.log2_nested)) : 0;
   const uint32_t s_dst = smem_addr(s_stages) + 4 * tid;
+  // Copy positions, advanced a stage at a time (each copy function takes the stages in order, once each): the
+  // sources, the buffers, and row s_row's absmax: the address of its code byte (nested), its scale (nested absmax
+  // or plain absmax), its k in the block and its block in the nested block.
+  uintptr_t code_at = reinterpret_cast<uintptr_t>(p.absmax_q) + c_blk;
+  const float* scale_at = p.nested ? p.nested_absmax + c_nblk : p.absmax + c_blk;
+  int k_in_block = c_rem, block_in_nested = c_nrem, a_slot = 0, s_slot = 0, w_slot = 0;
+  const int nested_blocks = p.nested ? 1 << p.log2_nested : 1;
+  auto next_slot = [](int slot, int n) { return slot + 1 == n ? 0 : slot + 1; };
+  // The absmax of stage s, and the weights of stages s to s + 3 where s % 4 == 0.
   auto copy_weights = [&](int s) {
     if (s >= n_stages) return;
-    cp_async16(w_dst + (s % kStages) * kWeightStageBytes, w_src + s * (kStageK / 2));
-    const int b = (c_rem + s * kStageK) >> L;
-    const void* src = nullptr;
-    if (!copies_code) {
-      src = p.nested ? p.nested_absmax + c_nblk + ((c_nrem + b) >> p.log2_nested) : p.absmax + c_blk + b;
-    } else if (p.nested) {
-      src = reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p.absmax_q + c_blk + b) & ~uintptr_t(3));
+    if (s % kWeightCopyStages == 0) {
+      if (s + (w_piece >> 1) < n_stages) {
+        const uint32_t dst = w_dst + w_slot * kWeightCopyBytes;
+#pragma unroll
+        for (int i = 0; i < kWeightChunks; ++i) cp_async16(dst + i * kThreads / 8 * 128, w_src[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kWeightChunks; ++i) w_src[i] += kWeightCopyStages * kStageK / 2;
+      w_slot = next_slot(w_slot, kWeightCopies);
     }
-    if (src != nullptr) cp_async4(s_dst + (s % kStages) * kScaleStageBytes, src);
+    if (!copies_code || p.nested) {  // warp-uniform
+      const void* src = copies_code ? reinterpret_cast<const void*>(code_at & ~uintptr_t(3)) : scale_at;
+      cp_async4(s_dst + s_slot * kScaleStageBytes, src);
+    }
+    s_slot = next_slot(s_slot, kStages);
+    k_in_block += kStageK;
+    if (k_in_block == 1 << L) {
+      k_in_block = 0;
+      ++code_at;
+      block_in_nested = next_slot(block_in_nested, nested_blocks);
+      if (block_in_nested == 0) ++scale_at;
+    }
   };
   auto copy_activations = [&](int s) {
     if (s >= n_stages) return;
 #pragma unroll
-    for (int i = 0; i < kChunks; ++i) cp_async16(a_dst[i] + (s % kStages) * kStageBytes, a_src[i] + s * kStageK);
+    for (int i = 0; i < kChunks; ++i) {
+      if (BN * 8 % kThreads == 0 || tid + kThreads * i < BN * 8) {  // warp-uniform
+        cp_async16(a_dst[i] + a_slot * kStageBytes, a_src[i]);
+      }
+      a_src[i] += kStageK;
+    }
+    a_slot = next_slot(a_slot, kStages);
   };
 
-  // Dequantizing reads: rows g and g + 8 (h = 0, 1) of this warp's 16, words t and t + 4 of each; the code byte of
-  // a row's absmax is byte (block % 4) of the copied word.
+  // Dequantizing reads: rows g and g + 8 (h = 0, 1) of this warp's 16, words t and t + 4 of each stage's 32 bytes;
+  // the code byte of a row's absmax is byte (block % 4) of the copied word.
   const int r0 = 16 * warp + (lane >> 2);
   int64_t d_blk[2];
   int d_rem[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) row_block(r0 + 8 * h, d_blk[h], d_rem[h]);
   const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
-  const uint32_t lane8 = 8 * lane;
-  // Stage s's A fragments: frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
-  // (g + 8, 2t + 8).
-  auto dequantize = [&](int s, uint32_t (&frag)[4][4]) {
-    const unsigned char* ws = w_stages + (s % kStages) * kWeightStageBytes;
+  const uint32_t lane_offset = (kScaleAfter ? 4 : 8) * lane;
+  auto dequantize = [&](int s, StageRegs& regs) {
+    const unsigned char* ws = w_copies + (s / kWeightCopyStages % kWeightCopies) * kWeightCopyBytes;
     const unsigned char* ss = s_stages + (s % kStages) * kScaleStageBytes;
+    const int piece = 2 * (s % kWeightCopyStages);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = r0 + 8 * h;
@@ -242,69 +349,90 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const Wgmm
         const uint32_t q = ss[4 * r + (b & 3)];
         am = __fadd_rn(__fmul_rn(s_ncode[q], scale), offset);
       }
+      regs.am[h] = am;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(ws + r * 32 + ((u ^ ((r >> 2) & 1)) << 4) + 4 * t);
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(ws + r * 128 + (((piece + u) ^ (r & 7)) << 4) + 4 * t);
         const uint32_t x = quad_transpose(w, t);  // byte j: k 2t, 2t + 1 of the 8 k of word 4 u + j
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane8));
-          frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
+          uint32_t& f = regs.frag[2 * u + (j >> 1)][2 * (j & 1) + h];
+          if constexpr (kScaleAfter) {
+            f = *reinterpret_cast<const uint32_t*>(table + table_offset(x, j, lane_offset));
+          } else {
+            const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane_offset));
+            f = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
+          }
         }
       }
     }
   };
 
-  float acc[64 * kHalves];
+  float acc[BN / 2], part[kScaleAfter ? BN / 2 : 1];  // part: a stage's product (scale_after)
 #pragma unroll
-  for (int i = 0; i < 64 * kHalves; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < (kScaleAfter ? BN / 2 : 1); ++i) part[i] = 0.0f;
 
-  const uint32_t a_stage0 = smem_addr(a_stages);
-  // Stage s: wait for its copies (activations of s, weights of s + 1), start those of s + kAhead (into buffers
-  // whose readers every thread finished before this barrier), multiply, then dequantize stage s + 1 into `next`
-  // while the tensor cores run (its registers were read by stage s - 1's multiplies: wait for those first).
-  auto stage = [&](int s, const uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+  const uint64_t desc0 = swizzle128_desc(smem_addr(a_stages));
+  // Stage s: wait for its copies (activations of s, absmax of s + 1, weights up to s + 4), start those of s + kAhead
+  // (into buffers whose readers every thread finished before this barrier), multiply, and dequantize stage s + 1
+  // while the tensor cores run: with scale_after, into `other` before waiting for the product, which is then
+  // scaled into acc; else into `other` once the multiply of stage s - 1, which read those registers, is done.
+  auto stage = [&](int s, StageRegs& cur, StageRegs& other) {
     cp_async_wait<kAhead - 1>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
     copy_activations(s + kAhead);
     copy_weights(s + kAhead + 1);
     cp_async_commit();  // empty groups keep the count uniform
+    float* d = kScaleAfter ? part : acc;
 #pragma unroll
-    for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
+    for (int i = 0; i < BN / 2; ++i) fence_operand(d[i]);
     wgmma_fence();
-    const uint32_t base = a_stage0 + (s % kStages) * kStageBytes;
+    const uint64_t desc = desc0 + (s % kStages) * (kStageBytes >> 4);  // the address field (bits 0-13) advanced
 #pragma unroll
     for (int k16 = 0; k16 < 4; ++k16)
 #pragma unroll
       for (int half = 0; half < kHalves; ++half)
-        wgmma_m64n128k16<T>(acc + 64 * half, cur[k16], swizzle128_desc(base + half * 128 * 128 + 32 * k16));
+        wgmma_m64k16<T, kN>(d + kN / 2 * half, cur.frag[k16], desc + ((half * kN * 128 + 32 * k16) >> 4),
+                            !kScaleAfter || k16 > 0);
     wgmma_commit();
+    if constexpr (kScaleAfter) {
+      if (s + 1 < n_stages) dequantize(s + 1, other);
+      wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
-    wgmma_wait<1>();
-    if (s + 1 < n_stages) dequantize(s + 1, next);
+      for (int i = 0; i < BN / 2; ++i) {  // accumulator 4 i + 2 h + e: row g + 8 h
+        fence_operand(part[i]);
+        acc[i] = __fmaf_rn(part[i], cur.am[(i >> 1) & 1], acc[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      wgmma_wait<1>();
+      if (s + 1 < n_stages) dequantize(s + 1, other);
+    }
   };
 
   copy_weights(0);
-  for (int s = 0; s < kAhead; ++s) {  // group s: activations of s, weights of s + 1 (and of 0 in the first)
+  for (int s = 0; s < kAhead; ++s) {  // group s: activations of s, absmax of s + 1, weights of s + 1 (and of 0)
     copy_activations(s);
     copy_weights(s + 1);
     cp_async_commit();
   }
   cp_async_wait<kAhead - 1>();
   __syncthreads();  // the table and group 0
-  uint32_t fa[4][4], fb[4][4];
-  dequantize(0, fa);
+  StageRegs ra, rb;
+  dequantize(0, ra);
   for (int s = 0; s < n_stages; s += 2) {
-    stage(s, fa, fb);
-    if (s + 1 < n_stages) stage(s + 1, fb, fa);
+    stage(s, ra, rb);
+    if (s + 1 < n_stages) stage(s + 1, rb, ra);
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int i = 0; i < 64 * kHalves; ++i) fence_operand(acc[i]);
+  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
 
-  // Accumulator 4 i + 2 h + e of half `half`: weight row g + 8 h of the warp's 16, row 128 half + 8 i + 2 t + e of
+  // Accumulator 4 i + 2 h + e of half `half`: weight row g + 8 h of the warp's 16, row kN half + 8 i + 2 t + e of
   // the tile's A.
   T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -315,28 +443,41 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_4bit_wgmma_kernel(const Wgmm
 #pragma unroll
     for (int half = 0; half < kHalves; ++half)
 #pragma unroll
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < kN / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int a = a_base + 128 * half + 8 * i + 2 * t + e;
-          if (a < p.m) Elem<T>::store1(out + int64_t(a) * p.N + n, __fadd_rn(acc[64 * half + 4 * i + 2 * h + e], bias));
+          const int a = a_base + kN * half + 8 * i + 2 * t + e;
+          if (a < p.m) {
+            Elem<T>::store1(out + int64_t(a) * p.N + n, __fadd_rn(acc[kN / 2 * half + 4 * i + 2 * h + e], bias));
+          }
         }
   }
 }
 
 #else  // not an sm_90a pass: gemm_4bit_wgmma never launches it (the host checks the device)
 
-template <typename T, int BN>
+template <typename T, int BN, int WG>
 __global__ void gemm_4bit_wgmma_kernel(const WgmmaParams) {}
 
 #endif
 
-template <typename T, int BN>
+template <typename T, int BN, int WG>
 void launch(const WgmmaParams& p, int64_t w_tiles) {
-  constexpr int smem = smem_bytes<BN>();
-  raise_smem_limit<gemm_4bit_wgmma_kernel<T, BN>>(smem);
-  gemm_4bit_wgmma_kernel<T, BN><<<static_cast<unsigned>(w_tiles * p.a_tiles), kThreads, smem, current_stream()>>>(p);
+  constexpr int smem = smem_bytes<BN, WG>();
+  raise_smem_limit<gemm_4bit_wgmma_kernel<T, BN, WG>>(smem);
+  gemm_4bit_wgmma_kernel<T, BN, WG>
+      <<<static_cast<unsigned>(w_tiles * p.a_tiles), threads<WG>(), smem, current_stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int WG>
+void launch_bn(const WgmmaParams& p, int64_t w_tiles, int bn) {
+  switch (bn) {
+    case 8: launch<T, 8, WG>(p, w_tiles); break;
+    case 16: launch<T, 16, WG>(p, w_tiles); break;
+    case 32: launch<T, 32, WG>(p, w_tiles); break;
+    default: launch<T, 64, WG>(p, w_tiles); break;
+  }
 }
 
 // Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
@@ -348,12 +489,26 @@ int wgmma_max_m() {
   return value;
 }
 
-// Tiles below which dequantize + cuBLAS is faster: one tile a CTA, so a grid that does not fill the GPU leaves SMs
-// idle for the whole K loop (H200, m = 64-128: 8192x28672, 1.7 tiles an SM, 1.1-1.3x faster than dequantize +
-// cuBLAS; 4096x14336, 0.85 an SM, even; 4096x4096, 0.24 an SM, 2.2-2.6x slower). Default 1.5 an SM.
-int64_t wgmma_min_tiles() {
-  static const int forced = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES", 0, INT_MAX, -1);
-  return forced >= 0 ? forced : 3 * int64_t(multiprocessor_count()) / 2;
+// Tuning override of the tiles below which the kernel does not run (-1: the rule of `fills_gpu`).
+int forced_min_tiles() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES", 0, INT_MAX, -1);
+  return value;
+}
+
+// Tuning override of the warpgroups a CTA (2 or 4; 0: the rule in gemm_4bit_wgmma).
+int forced_wg() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_WG", 2, 4, 0);
+  return value == 3 ? 0 : value;
+}
+
+// One tile a CTA and one CTA an SM: a grid whose last wave leaves many SMs idle loses to dequantize + cuBLAS
+// (H200, m = 64-128, 128-row tiles: 8192x28672, 224 tiles, 1.1-1.3x faster than dequantize + cuBLAS; 4096x4096,
+// 32 tiles, 2.2-2.6x slower). Runs where the waves keep at least 80% of the SMs busy.
+bool fills_gpu(int64_t tiles) {
+  const int forced = forced_min_tiles();
+  if (forced >= 0) return tiles >= forced;
+  const int64_t sms = multiprocessor_count();
+  return 5 * tiles >= 4 * ceil_div(tiles, sms) * sms;
 }
 
 bool sm90a_device() {
@@ -385,19 +540,28 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
   p.A = A2.data_ptr();
   p.out = out2.data_ptr();
   p.m = static_cast<int>(A2.size(0));
-  // BN = 256 unless 128-row tiles waste fewer rows of A.
-  const int64_t M = A2.size(0), w_tiles = ceil_div(N, kTileRows);
-  const bool wide = ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128;
-  p.a_tiles = static_cast<int>(ceil_div(M, wide ? 256 : 128));
-  const int64_t tiles = w_tiles * p.a_tiles;
-  if (tiles >= INT_MAX || tiles < wgmma_min_tiles()) return false;
+  // BN: the fewest of 8-64 rows that hold A; above 64, 128 or 256 (256 unless 128 wastes fewer rows of A). Four
+  // warpgroups (256 weight rows a tile: each stage's activations serve twice the weights) where the tiles fill
+  // the GPU, else two.
+  const int64_t M = A2.size(0);
+  int bn = 8;
+  while (bn < M && bn < 64) bn *= 2;
+  if (M > 64) bn = ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128 ? 256 : 128;
+  p.a_tiles = static_cast<int>(ceil_div(M, bn));
+  const int wg = forced_wg() != 0 && bn <= 64 ? forced_wg() : bn <= 64 && fills_gpu(ceil_div(N, 256) * p.a_tiles) ? 4 : 2;
+  const int64_t w_tiles = ceil_div(N, 64 * wg);
+  if (w_tiles * p.a_tiles >= INT_MAX || !fills_gpu(w_tiles * p.a_tiles)) return false;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (wide) {
-        launch<T, 256>(p, w_tiles);
+      if (bn == 256) {
+        launch<T, 256, 2>(p, w_tiles);
+      } else if (bn == 128) {
+        launch<T, 128, 2>(p, w_tiles);
+      } else if (wg == 4) {
+        launch_bn<T, 4>(p, w_tiles, bn);
       } else {
-        launch<T, 128>(p, w_tiles);
+        launch_bn<T, 2>(p, w_tiles, bn);
       }
     }
   });

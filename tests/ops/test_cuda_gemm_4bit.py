@@ -149,10 +149,18 @@ def _wgmma_device():
     return torch.cuda.get_device_capability() == (9, 0)
 
 
-def test_forced_wgmma_kernel():
-    # The many-rows wgmma kernel (Hopper) runs by default only where the grid has enough tiles (large layers) and
-    # m <= 128; forced for every shape it takes (K % 64 == 0, blocksize >= 64), the value tests run in a child.
-    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}
+@pytest.mark.parametrize("warpgroups", [2, 4])
+def test_forced_wgmma_kernel(warpgroups):
+    # The wgmma kernel (Hopper) runs by default only where its tiles fill the GPU (large layers) and m <= 128;
+    # forced for every shape it takes (K % 64 == 0, blocksize >= 64), every m (the fused kernel of few rows off)
+    # and both CTA sizes, the value tests run in a child.
+    env = {
+        **os.environ,
+        "TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "0",
+        "TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000",
+        "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1",
+        "TORCHLOWBIT_GEMM4BIT_WGMMA_WG": str(warpgroups),
+    }
     select = "matches_float64 or bias_dtypes or blocksizes or nested_blocksizes or path_switch or graph_capture"
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
     child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
