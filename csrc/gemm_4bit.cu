@@ -39,8 +39,8 @@
 // quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
 // kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8), TORCHLOWBIT_GEMM4BIT_WR
-// (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M and TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma
-// kernel runs).
+// (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M, TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma
+// kernel runs) and TORCHLOWBIT_GEMM4BIT_WGMMA_WG (its CTA size for up to 64 rows).
 #include "gemm_4bit_device.h"
 #include "gemm_4bit_wgmma.h"
 #include "lowbit_quantize.h"

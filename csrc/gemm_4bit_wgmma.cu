@@ -1,14 +1,14 @@
 // Many rows of A on Hopper: out = A @ dequantize(B).T (+ bias) in one kernel that dequantizes the packed weight
 // into registers and multiplies on the tensor cores with wgmma (sm_90a), float32 accumulation.
 //   - wgmma's M dimension is the weight's rows, so the dequantized weight is the register operand (A of wgmma) and
-//     never goes through shared memory; N is BN rows of the activations (128 or 256), the shared-memory operand
-//     (B of wgmma), K-major as A is stored. A CTA is two warpgroups of 64 weight rows each: a tile of 128 weight
-//     rows x BN rows of A, one tile a CTA, the tiles along A's rows adjacent so that CTAs running together share
-//     weight rows in L2.
-//   - Stages of 64 k (128 bytes of an activation row: the 128-byte swizzle's width), stages<BN>() - 2 copied ahead
-//     of the multiply, all with cp.async: the activations into the swizzled layout wgmma reads, the weights' 32-byte
-//     row pieces and the absmax one stage further ahead than the activations. Rows of A past m repeat row m - 1 and
-//     feed only outputs that are never stored.
+//     never goes through shared memory; N is BN rows of the activations (64, 128 or 256), the shared-memory operand
+//     (B of wgmma), K-major as A is stored. A CTA is WG warpgroups of 64 weight rows each (4 for BN = 64 where such
+//     tiles fill the GPU, else 2): a tile of 64 WG weight rows x BN rows of A, one tile a CTA, the tiles along A's
+//     rows adjacent so that CTAs running together share weight rows in L2.
+//   - Stages of 64 k (128 bytes of an activation row: the 128-byte swizzle's width), stages() - 2 copied ahead of
+//     the multiply, all with cp.async: the activations into the swizzled layout wgmma reads, the absmax one stage
+//     further ahead, the weights 4 stages (a row's 128-byte line) at a time, one stage further ahead. Rows of A past
+//     m repeat row m - 1 and feed only outputs that are never stored.
 //   - Weights: a thread's A-fragment registers hold rows g and g + 8 of its warp's 16 at k 2t, 2t + 1 and 2t + 8,
 //     2t + 9 of each 16 (lane = 4 g + t), i.e. byte t of each 4-byte word of a row. The quad of a row loads its
 //     words t and t + 4 of the stage's 32 bytes and transposes the bytes among its lanes (two shuffles and two
@@ -40,13 +40,6 @@ constexpr int threads() {
 template <int WG>
 constexpr int tile_rows() {
   return 64 * WG;
-}
-// Up to 32 rows of A the tensor cores multiply the 16-bit codes and each stage's product is scaled by the absmax
-// afterwards (a second accumulator a stage: registers that larger tiles do not have); larger tiles multiply the
-// dequantized weights (code * absmax rounded, bit-identical to dequantize_4bit's).
-template <int BN>
-constexpr bool scale_after() {
-  return BN <= 32;
 }
 template <int BN, int WG>
 constexpr int stage_bytes() {  // activations, absmax (code words, then scales)
@@ -139,12 +132,12 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
 #define LOWBIT_ACC8(i) LOWBIT_ACC4(i), LOWBIT_ACC4(i + 4)
 #define LOWBIT_ACC32(i) LOWBIT_ACC8(i), LOWBIT_ACC8(i + 8), LOWBIT_ACC8(i + 16), LOWBIT_ACC8(i + 24)
 // One m64nNk16 wgmma; OPERANDS: the N / 2 accumulators, the A fragment and the descriptor, as numbered in the asm
-// (the accumulators first); SCALE: the scale-d operand's (0: d = a * b, 1: d += a * b).
+// (the accumulators first); SCALE: the scale-d operand's (1: d += a * b).
 #define LOWBIT_WGMMA(N, TYPE, OPERANDS, SCALE, ...)                                                            \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                            \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " OPERANDS ", p, 1, 1, 0;\n}\n" \
                : __VA_ARGS__                                                                                 \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 #define LOWBIT_WGMMA_TYPES(N, OPERANDS, SCALE, ...)        \
   if constexpr (std::is_same_v<T, at::BFloat16>) {         \
     LOWBIT_WGMMA(N, "bf16", OPERANDS, SCALE, __VA_ARGS__); \
@@ -152,29 +145,22 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
     LOWBIT_WGMMA(N, "f16", OPERANDS, SCALE, __VA_ARGS__);  \
   }
 
-// d (64 x N float32 of the warpgroup) = a (this thread's A fragment, 64 x 16) * the B operand (N x 16) at `desc`,
-// plus d if `accumulate`.
+// d (64 x N float32 of the warpgroup) += a (this thread's A fragment, 64 x 16) * the B operand (N x 16) at `desc`.
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], uint64_t desc, bool accumulate) {
-  if constexpr (N == 8) {
-    LOWBIT_WGMMA_TYPES(8, "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8", "%9", LOWBIT_ACC4(0));
-  } else if constexpr (N == 16) {
-    LOWBIT_WGMMA_TYPES(16, "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12", "%13", LOWBIT_ACC8(0));
-  } else if constexpr (N == 32) {
-    LOWBIT_WGMMA_TYPES(32,
-                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20",
-                       "%21", LOWBIT_ACC8(0), LOWBIT_ACC8(8));
-  } else if constexpr (N == 64) {
+__device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (N == 64) {
     LOWBIT_WGMMA_TYPES(64,
                        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36",
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                       "{%32, %33, %34, %35}, %36",
                        "%37", LOWBIT_ACC32(0));
   } else if constexpr (N == 128) {
     LOWBIT_WGMMA_TYPES(128,
                        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
                        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
                        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68",
+                       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                       "{%64, %65, %66, %67}, %68",
                        "%69", LOWBIT_ACC32(0), LOWBIT_ACC32(32));
   }
 }
@@ -191,24 +177,17 @@ __device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
   return __byte_perm(u, __shfl_xor_sync(0xffffffffu, u, 1), (t & 1) ? 0x3715u : 0x6240u);
 }
 
-// A stage's registers: the A fragments frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
-// (g + 8, 2t + 8), and the absmax of rows g and g + 8 (used with scale_after).
-struct StageRegs {
-  uint32_t frag[4][4];
-  float am[2];
-};
-
 template <typename T, int BN, int WG>
 __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const WgmmaParams p) {
   constexpr int kThreads = threads<WG>(), kTileRows = tile_rows<WG>();
   constexpr int kStages = stages<BN, WG>(), kAhead = kStages - 2;  // stages copied ahead of the multiply
   constexpr int kWeightCopies = weight_copies(kStages), kWeightCopyBytes = weight_copy_bytes<WG>();
-  constexpr bool kScaleAfter = scale_after<BN>();
   constexpr int kN = BN < 128 ? BN : 128;  // wgmma's N
   constexpr int kHalves = BN / kN;         // wgmma instructions a 16 k
   constexpr int kStageBytes = BN * 128;
   constexpr int kScaleStageBytes = 2 * kTileRows * 4;
-  constexpr int kChunks = (BN * 8 + kThreads - 1) / kThreads;  // 16-byte activation copies a thread a stage
+  constexpr int kChunks = BN * 8 / kThreads;  // 16-byte activation copies a thread a stage
+  static_assert(BN * 8 % kThreads == 0, "every thread copies activations");
   constexpr int kWeightChunks = kWeightCopyBytes / 16 / kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // The table at offset 0 (a lookup's address is then one register plus the window base, LDS [R + UR]); the stages
@@ -223,20 +202,13 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = lane & 3;
-  if (tid < 256) {  // entry b = tid, 32 copies, stores rotated so that quarter warps hit different banks
+  if (tid < 256) {  // entry b = tid: 32 copies of the float32 pair, stores rotated so quarter warps hit distinct banks
     const int b = tid;
     const float hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
-    uint4* entry = reinterpret_cast<uint4*>(table + 256 * b);
-    if constexpr (kScaleAfter) {  // the code pair rounded to A's dtype, lane l's at 4 l
-      const uint32_t e = Elem<T>::pack2(hi, lo);
+    const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
 #pragma unroll
-      for (int q = 0; q < 8; ++q) entry[(q + b) & 7] = make_uint4(e, e, e, e);
-    } else {  // the float32 pair, lane l's at 8 l
-      const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
-#pragma unroll
-      for (int q = 0; q < 16; ++q) entry[(q + b) & 15] = v;
-    }
+    for (int q = 0; q < 16; ++q) reinterpret_cast<uint4*>(table + 256 * b)[(q + b) & 15] = v;
     s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   }
 
@@ -260,7 +232,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
   uint32_t a_dst[kChunks];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
-    const int c = min(tid + kThreads * i, BN * 8 - 1), r = c >> 3, chunk = c & 7;  // BN * 8 < kThreads: repeats
+    const int c = tid + kThreads * i, r = c >> 3, chunk = c & 7;
     a_src[i] = static_cast<const T*>(p.A) + int64_t(min(a_base + r, p.m - 1)) * K + 8 * chunk;
     a_dst[i] = smem_addr(a_stages) + r * 128 + ((chunk ^ (r & 7)) << 4);
   }
@@ -318,9 +290,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
     if (s >= n_stages) return;
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
-      if (BN * 8 % kThreads == 0 || tid + kThreads * i < BN * 8) {  // warp-uniform
-        cp_async16(a_dst[i] + a_slot * kStageBytes, a_src[i]);
-      }
+      cp_async16(a_dst[i] + a_slot * kStageBytes, a_src[i]);
       a_src[i] += kStageK;
     }
     a_slot = next_slot(a_slot, kStages);
@@ -334,8 +304,10 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 #pragma unroll
   for (int h = 0; h < 2; ++h) row_block(r0 + 8 * h, d_blk[h], d_rem[h]);
   const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
-  const uint32_t lane_offset = (kScaleAfter ? 4 : 8) * lane;
-  auto dequantize = [&](int s, StageRegs& regs) {
+  const uint32_t lane8 = 8 * lane;
+  // Stage s's A fragments: frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
+  // (g + 8, 2t + 8).
+  auto dequantize = [&](int s, uint32_t (&frag)[4][4]) {
     const unsigned char* ws = w_copies + (s / kWeightCopyStages % kWeightCopies) * kWeightCopyBytes;
     const unsigned char* ss = s_stages + (s % kStages) * kScaleStageBytes;
     const int piece = 2 * (s % kWeightCopyStages);
@@ -349,69 +321,49 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
         const uint32_t q = ss[4 * r + (b & 3)];
         am = __fadd_rn(__fmul_rn(s_ncode[q], scale), offset);
       }
-      regs.am[h] = am;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const uint32_t w = *reinterpret_cast<const uint32_t*>(ws + r * 128 + (((piece + u) ^ (r & 7)) << 4) + 4 * t);
         const uint32_t x = quad_transpose(w, t);  // byte j: k 2t, 2t + 1 of the 8 k of word 4 u + j
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          uint32_t& f = regs.frag[2 * u + (j >> 1)][2 * (j & 1) + h];
-          if constexpr (kScaleAfter) {
-            f = *reinterpret_cast<const uint32_t*>(table + table_offset(x, j, lane_offset));
-          } else {
-            const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane_offset));
-            f = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
-          }
+          const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane8));
+          frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
         }
       }
     }
   };
 
-  float acc[BN / 2], part[kScaleAfter ? BN / 2 : 1];  // part: a stage's product (scale_after)
+  float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < (kScaleAfter ? BN / 2 : 1); ++i) part[i] = 0.0f;
 
   const uint64_t desc0 = swizzle128_desc(smem_addr(a_stages));
   // Stage s: wait for its copies (activations of s, absmax of s + 1, weights up to s + 4), start those of s + kAhead
-  // (into buffers whose readers every thread finished before this barrier), multiply, and dequantize stage s + 1
-  // while the tensor cores run: with scale_after, into `other` before waiting for the product, which is then
-  // scaled into acc; else into `other` once the multiply of stage s - 1, which read those registers, is done.
-  auto stage = [&](int s, StageRegs& cur, StageRegs& other) {
+  // (into buffers whose readers every thread finished before this barrier), multiply, then dequantize stage s + 1
+  // into `next` while the tensor cores run (its registers were read by stage s - 1's multiplies: wait for those
+  // first).
+  auto stage = [&](int s, const uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
     cp_async_wait<kAhead - 1>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
     copy_activations(s + kAhead);
     copy_weights(s + kAhead + 1);
     cp_async_commit();  // empty groups keep the count uniform
-    float* d = kScaleAfter ? part : acc;
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(d[i]);
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
     wgmma_fence();
     const uint64_t desc = desc0 + (s % kStages) * (kStageBytes >> 4);  // the address field (bits 0-13) advanced
 #pragma unroll
     for (int k16 = 0; k16 < 4; ++k16)
 #pragma unroll
       for (int half = 0; half < kHalves; ++half)
-        wgmma_m64k16<T, kN>(d + kN / 2 * half, cur.frag[k16], desc + ((half * kN * 128 + 32 * k16) >> 4),
-                            !kScaleAfter || k16 > 0);
+        wgmma_m64k16<T, kN>(acc + kN / 2 * half, cur[k16], desc + ((half * kN * 128 + 32 * k16) >> 4));
     wgmma_commit();
-    if constexpr (kScaleAfter) {
-      if (s + 1 < n_stages) dequantize(s + 1, other);
-      wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < BN / 2; ++i) {  // accumulator 4 i + 2 h + e: row g + 8 h
-        fence_operand(part[i]);
-        acc[i] = __fmaf_rn(part[i], cur.am[(i >> 1) & 1], acc[i]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      wgmma_wait<1>();
-      if (s + 1 < n_stages) dequantize(s + 1, other);
-    }
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    wgmma_wait<1>();
+    if (s + 1 < n_stages) dequantize(s + 1, next);
   };
 
   copy_weights(0);
@@ -422,11 +374,11 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
   }
   cp_async_wait<kAhead - 1>();
   __syncthreads();  // the table and group 0
-  StageRegs ra, rb;
-  dequantize(0, ra);
+  uint32_t fa[4][4], fb[4][4];
+  dequantize(0, fa);
   for (int s = 0; s < n_stages; s += 2) {
-    stage(s, ra, rb);
-    if (s + 1 < n_stages) stage(s + 1, rb, ra);
+    stage(s, fa, fb);
+    if (s + 1 < n_stages) stage(s + 1, fb, fa);
   }
   wgmma_wait<0>();
 #pragma unroll
@@ -470,16 +422,6 @@ void launch(const WgmmaParams& p, int64_t w_tiles) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int WG>
-void launch_bn(const WgmmaParams& p, int64_t w_tiles, int bn) {
-  switch (bn) {
-    case 8: launch<T, 8, WG>(p, w_tiles); break;
-    case 16: launch<T, 16, WG>(p, w_tiles); break;
-    case 32: launch<T, 32, WG>(p, w_tiles); break;
-    default: launch<T, 64, WG>(p, w_tiles); break;
-  }
-}
-
 // Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
 constexpr int kMaxMDefault = 128;
 
@@ -495,7 +437,7 @@ int forced_min_tiles() {
   return value;
 }
 
-// Tuning override of the warpgroups a CTA (2 or 4; 0: the rule in gemm_4bit_wgmma).
+// Tuning override of the warpgroups a CTA of BN = 64 (2 or 4; 0: the rule in gemm_4bit_wgmma).
 int forced_wg() {
   static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_WG", 2, 4, 0);
   return value == 3 ? 0 : value;
@@ -530,8 +472,8 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
                      const at::Tensor* nested_offset, int log2_nested, const at::Tensor* bias, int64_t N, int64_t K,
                      at::Tensor& out2) {
   const at::ScalarType dtype = A2.scalar_type();
-  if (A2.size(0) > wgmma_max_m() || dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 || K >= (int64_t(1) << 30) ||
-      N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device() ||
+  if (A2.size(0) > wgmma_max_m() || dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 ||
+      K >= (int64_t(1) << 30) || N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device() ||
       (nested_absmax != nullptr && reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 4 != 0)) {  // word copies
     return false;
   }
@@ -540,15 +482,13 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
   p.A = A2.data_ptr();
   p.out = out2.data_ptr();
   p.m = static_cast<int>(A2.size(0));
-  // BN: the fewest of 8-64 rows that hold A; above 64, 128 or 256 (256 unless 128 wastes fewer rows of A). Four
-  // warpgroups (256 weight rows a tile: each stage's activations serve twice the weights) where the tiles fill
-  // the GPU, else two.
+  // BN: 64 rows of A up to 64, else 128 or 256 (256 unless 128 wastes fewer rows of A). With BN = 64, four
+  // warpgroups (256 weight rows a tile: each stage's activations serve twice the weights) where those tiles fill
+  // the GPU, else two; larger BN leaves registers for two.
   const int64_t M = A2.size(0);
-  int bn = 8;
-  while (bn < M && bn < 64) bn *= 2;
-  if (M > 64) bn = ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128 ? 256 : 128;
+  const int bn = M <= 64 ? 64 : ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128 ? 256 : 128;
   p.a_tiles = static_cast<int>(ceil_div(M, bn));
-  const int wg = forced_wg() != 0 && bn <= 64 ? forced_wg() : bn <= 64 && fills_gpu(ceil_div(N, 256) * p.a_tiles) ? 4 : 2;
+  const int wg = bn > 64 ? 2 : forced_wg() != 0 ? forced_wg() : fills_gpu(ceil_div(N, 256) * p.a_tiles) ? 4 : 2;
   const int64_t w_tiles = ceil_div(N, 64 * wg);
   if (w_tiles * p.a_tiles >= INT_MAX || !fills_gpu(w_tiles * p.a_tiles)) return false;
   dispatch_float(dtype, [&](auto tag) {
@@ -559,9 +499,9 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
       } else if (bn == 128) {
         launch<T, 128, 2>(p, w_tiles);
       } else if (wg == 4) {
-        launch_bn<T, 4>(p, w_tiles, bn);
+        launch<T, 64, 4>(p, w_tiles);
       } else {
-        launch_bn<T, 2>(p, w_tiles, bn);
+        launch<T, 64, 2>(p, w_tiles);
       }
     }
   });

@@ -169,7 +169,8 @@ def test_forced_wgmma_kernel(warpgroups):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _wgmma_device(), reason="the wgmma kernel is for Hopper")
 def test_wgmma_kernel_runs_on_large_layers():
-    # 128-row tiles, 2 an SM: the default rule (1.5 tiles an SM, m <= 128) picks the wgmma kernel
+    # one tile of 256 weight rows an SM: the default rule (m <= 128, waves that keep 80% of the SMs busy) picks the
+    # wgmma kernel
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shape = (256 * sms, 128)
     packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=4)
