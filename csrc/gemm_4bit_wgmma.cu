@@ -37,24 +37,32 @@ template <int WG>
 constexpr int threads() {
   return 128 * WG;
 }
+constexpr int tile_rows(int wg) {
+  return 64 * wg;
+}
+// A stage's buffers: the activations (BN rows of 128 bytes), the absmax (a code word, then a scale, a row).
+template <int BN>
+constexpr int activation_stage_bytes() {
+  return BN * 128;
+}
 template <int WG>
-constexpr int tile_rows() {
-  return 64 * WG;
+constexpr int scale_stage_bytes() {
+  return 2 * tile_rows(WG) * 4;
 }
 template <int BN, int WG>
-constexpr int stage_bytes() {  // activations, absmax (code words, then scales)
-  return BN * 128 + 2 * tile_rows<WG>() * 4;
+constexpr int stage_bytes() {
+  return activation_stage_bytes<BN>() + scale_stage_bytes<WG>();
 }
 // Weights are copied 4 stages at a time: a row's 128-byte line.
 constexpr int kWeightCopyStages = 4;
 template <int WG>
 constexpr int weight_copy_bytes() {
-  return tile_rows<WG>() * kWeightCopyStages * kStageK / 2;
+  return tile_rows(WG) * kWeightCopyStages * kStageK / 2;
 }
-// Weight copies in flight: one is written stages - 2 + 1 stages ahead of the stage that reads it and its buffer
-// is free once the 4 stages it holds are dequantized.
+// Weight copies in flight: the copies of the stages - 2 stages copied ahead, plus the one being dequantized (a
+// buffer is rewritten once the 4 stages it holds are dequantized).
 constexpr int weight_copies(int stages) {
-  return (stages + 5) / kWeightCopyStages;
+  return (stages - 2 + kWeightCopyStages - 1) / kWeightCopyStages + 1;
 }
 constexpr int kFixedBytes = kTableBytes + 256 * 4 + 1024;  // table, nested code, room to align the stages
 
@@ -179,13 +187,13 @@ __device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
 
 template <typename T, int BN, int WG>
 __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const WgmmaParams p) {
-  constexpr int kThreads = threads<WG>(), kTileRows = tile_rows<WG>();
+  constexpr int kThreads = threads<WG>(), kTileRows = tile_rows(WG);
   constexpr int kStages = stages<BN, WG>(), kAhead = kStages - 2;  // stages copied ahead of the multiply
   constexpr int kWeightCopies = weight_copies(kStages), kWeightCopyBytes = weight_copy_bytes<WG>();
   constexpr int kN = BN < 128 ? BN : 128;  // wgmma's N
   constexpr int kHalves = BN / kN;         // wgmma instructions a 16 k
-  constexpr int kStageBytes = BN * 128;
-  constexpr int kScaleStageBytes = 2 * kTileRows * 4;
+  constexpr int kStageBytes = activation_stage_bytes<BN>();
+  constexpr int kScaleStageBytes = scale_stage_bytes<WG>();
   constexpr int kChunks = BN * 8 / kThreads;  // 16-byte activation copies a thread a stage
   static_assert(BN * 8 % kThreads == 0, "every thread copies activations");
   constexpr int kWeightChunks = kWeightCopyBytes / 16 / kThreads;
@@ -488,8 +496,9 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
   const int64_t M = A2.size(0);
   const int bn = M <= 64 ? 64 : ceil_div(M, 256) * 256 <= ceil_div(M, 128) * 128 ? 256 : 128;
   p.a_tiles = static_cast<int>(ceil_div(M, bn));
-  const int wg = bn > 64 ? 2 : forced_wg() != 0 ? forced_wg() : fills_gpu(ceil_div(N, 256) * p.a_tiles) ? 4 : 2;
-  const int64_t w_tiles = ceil_div(N, 64 * wg);
+  const bool quad_fills = fills_gpu(ceil_div(N, tile_rows(4)) * p.a_tiles);
+  const int wg = bn > 64 ? 2 : forced_wg() != 0 ? forced_wg() : quad_fills ? 4 : 2;
+  const int64_t w_tiles = ceil_div(N, tile_rows(wg));
   if (w_tiles * p.a_tiles >= INT_MAX || !fills_gpu(w_tiles * p.a_tiles)) return false;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
