@@ -6,7 +6,8 @@ bitsandbytes' matmul_4bit where it is importable.
 Shapes are DESIGN.md's (in x out, rows m of the bf16 activation). Times are medians of CUDA-event timings
 after warm-up, in ms per call. By default each timing replays a CUDA graph of several calls that cycle through
 copies of the weights and inputs (enough copies to exceed 4x the L2 cache), so the figures are device time
-without Python dispatch; --eager times single eager calls instead (event pair around each call). For small m
+without Python dispatch, and the cases of a row (bf16, NF4, int8) replay in turn, so that they share the GPU's
+clocks and temperature; --eager times single eager calls instead (event pair around each call). For small m
 the packed weight bytes (codes + uint8 absmax + nested scales) are counted against the measured device copy
 bandwidth.
 
@@ -15,11 +16,10 @@ bandwidth.
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
-from timing import copies_for, copy_bandwidth, time_ms
+from timing import copies_for, copy_bandwidth, time_cases
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit import codebooks
@@ -40,36 +40,6 @@ SWEEP_ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 BLOCKSIZE = 64
 OUTLIER_COLUMNS = 8
 SMALL_M = 32  # rows up to which the bandwidth column is shown
-
-
-def time_graph(fn, inputs, reps, calls_per_graph=None):
-    """Median ms per call of a CUDA graph that calls fn(*inputs[i]) for every copy (repeated to >= 8 calls)."""
-    n = len(inputs)
-    calls = calls_per_graph or max(8, n)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(n, 3)):  # warm-up (cuBLAS handles, kernel attributes) outside the capture
-            fn(*inputs[i])
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(*inputs[i % n])
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return statistics.median(times)
 
 
 class Layer:
@@ -128,15 +98,6 @@ def bnb_linear(A, layer):
     return bnb.matmul_4bit(A, qweight.t(), quant_state=state)
 
 
-def measure(fn, inputs, reps, eager):
-    try:
-        return time_ms(fn, inputs, reps) if eager else time_graph(fn, inputs, reps)
-    except Exception as error:  # noqa: BLE001  (e.g. a third-party kernel that cannot be captured)
-        print(f"  timing failed ({error}); eager instead")
-        torch.cuda.synchronize()
-        return time_ms(fn, inputs, reps)
-
-
 def check_close(A, layer):
     """The op against dequantize + bf16 F.linear on one input (a guard against timing a broken kernel)."""
     out = lowbit_linear(A, layer).float()
@@ -163,15 +124,17 @@ def run_shape(in_f, out_f, rows, reps, eager, with_bnb):
         acts = [torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(max(n_bf16, n_q))]
         rel = check_close(acts[0], layers[0])
         row = dict(in_features=in_f, out_features=out_f, m=m, check_rel_err=rel)
-        row["bf16_ms"] = measure(lambda A, L: F.linear(A, L.bf16), [(acts[i], layers[i]) for i in range(n_bf16)],
-                                 reps, eager)  # fmt: skip
-        row["lowbit_ms"] = measure(lowbit_linear, [(acts[i], layers[i]) for i in range(n_q)], reps, eager)
         n_8 = max(1, min(n_layers, copies_for(out_f * in_f + a_bytes)))
-        row["int8_ms"] = measure(int8_linear, [(acts[i], layers[i]) for i in range(n_8)], reps, eager)
         outlier_inputs = [(with_outliers(acts[i]), layers[i]) for i in range(n_8)]
-        row["int8_t6_ms"] = measure(lambda A, L: int8_linear(A, L, 6.0), outlier_inputs, reps, eager)
+        cases = {
+            "bf16_ms": (lambda A, L: F.linear(A, L.bf16), [(acts[i], layers[i]) for i in range(n_bf16)]),
+            "lowbit_ms": (lowbit_linear, [(acts[i], layers[i]) for i in range(n_q)]),
+            "int8_ms": (int8_linear, [(acts[i], layers[i]) for i in range(n_8)]),
+            "int8_t6_ms": (lambda A, L: int8_linear(A, L, 6.0), outlier_inputs),
+        }
+        row.update(time_cases(cases, reps, eager))
         if layers[0].bnb is not None:
-            row["bnb_ms"] = measure(bnb_linear, [(acts[i], layers[i]) for i in range(n_q)], reps, eager)
+            row.update(time_cases({"bnb_ms": (bnb_linear, [(acts[i], layers[i]) for i in range(n_q)])}, reps, eager))
         row["packed_gb"] = (layers[0].packed_bytes + a_bytes + m * out_f * 2) / 1e9
         results.append(row)
         print(f"  {in_f}x{out_f} m={m}: bf16 {row['bf16_ms']:.4f} ms, lowbit {row['lowbit_ms']:.4f} ms, "
@@ -193,9 +156,12 @@ def sweep(reps, eager):
             acts = [torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16) for _ in layers]
             inputs = list(zip(acts, layers, strict=True))
             row = dict(in_features=in_f, out_features=out_f, m=m)
-            row["op_ms"] = measure(lowbit_linear, inputs, reps, eager)
-            row["dequant_linear_ms"] = measure(dequant_linear, inputs, reps, eager)
-            row["bf16_ms"] = measure(lambda A, L: F.linear(A, L.bf16), inputs, reps, eager)
+            cases = {
+                "op_ms": (lowbit_linear, inputs),
+                "dequant_linear_ms": (dequant_linear, inputs),
+                "bf16_ms": (lambda A, L: F.linear(A, L.bf16), inputs),
+            }
+            row.update(time_cases(cases, reps, eager))
             rows.append(row)
             print(f"  sweep {in_f}x{out_f} m={m}: op {row['op_ms']:.4f}, dequant+linear "
                   f"{row['dequant_linear_ms']:.4f}, bf16 {row['bf16_ms']:.4f}", flush=True)  # fmt: skip
@@ -222,7 +188,7 @@ def main():
     for op in ("gemm_4bit", "int8_mixed_linear"):
         if op in CUDA_REFERENCE_OPS:
             print(f"WARNING: lowbit::{op} runs the PyTorch reference kernel on CUDA")
-    copy_tbps = copy_bandwidth(20)
+    copy_tbps = copy_bandwidth(20, args.eager)
     mode = "eager calls" if args.eager else "CUDA-graph replays"
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); timing: {mode}", flush=True)
 

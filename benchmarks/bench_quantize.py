@@ -1,11 +1,13 @@
 """Speed of the blockwise quantization kernels on CUDA: torchlowbit's csrc kernels, the PyTorch reference
 kernels run on the same CUDA tensors, and bitsandbytes where it is importable.
 
-Times are medians of CUDA-event timings after warm-up; inputs smaller than 4x the L2 cache rotate among
+Times are medians of CUDA-event timings after warm-up: torchlowbit (and bitsandbytes) from CUDA-graph replays of
+several calls, device time without the launch latency that an event pair around one eager call adds (--eager
+times those instead); the PyTorch reference from eager calls. Inputs smaller than 4x the L2 cache rotate among
 copies so that every call reads from device memory. Bandwidth counts the bytes each op must move (inputs
 read once, outputs written once) against a device-to-device copy measured in the same run.
 
-    python benchmarks/bench_quantize.py [--reps 50] [--no-reference] [--json out.json]
+    python benchmarks/bench_quantize.py [--reps 50] [--eager] [--no-reference] [--json out.json]
 """
 
 import argparse
@@ -13,7 +15,7 @@ import json
 import math
 
 import torch
-from timing import copies_for, copy_bandwidth, fill_bandwidth, time_ms
+from timing import copies_for, copy_bandwidth, fill_bandwidth, time_cases, time_ms
 
 import torchlowbit  # noqa: F401  (registers torch.ops.lowbit.*)
 from torchlowbit import codebooks
@@ -111,6 +113,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--reference-reps", type=int, default=5)
+    parser.add_argument("--eager", action="store_true", help="time single eager calls instead of graph replays")
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference kernels")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
@@ -119,7 +122,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, extension: {CUDA_EXTENSION_STATUS}")
     if CUDA_REFERENCE_OPS:
         print(f"ops running the reference kernel on CUDA: {CUDA_REFERENCE_OPS}")
-    copy_tbps, fill_tbps = copy_bandwidth(args.reps), fill_bandwidth(args.reps)
+    copy_tbps, fill_tbps = copy_bandwidth(args.reps, args.eager), fill_bandwidth(args.reps, args.eager)
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); fill: {fill_tbps:.2f} TB/s (write only)")
 
     rows = []
@@ -127,13 +130,13 @@ def main():
         numel = math.prod(shape)
         for name, nbytes, build, fn, ref_fn, bnb_fn in cases(shape):
             inputs = build(copies_for(numel * 2))
-            ms = time_ms(fn, inputs, args.reps)
+            ms = time_cases({"lowbit": (fn, inputs)}, args.reps, args.eager)["lowbit"]
             row = dict(op=name, shape=list(shape), ms=ms, gb=nbytes / 1e9, tbps=nbytes / ms / 1e9)
             row["copy_fraction"] = row["tbps"] / copy_tbps
             if not args.no_reference:
                 row["reference_ms"] = time_ms(ref_fn, inputs[:1], args.reference_reps, warmup=1)
             if bnb_fn is not None:
-                row["bnb_ms"] = time_ms(bnb_fn, inputs, args.reps)
+                row["bnb_ms"] = time_cases({"bnb": (bnb_fn, inputs)}, args.reps, args.eager)["bnb"]
             rows.append(row)
             del inputs
             torch.cuda.empty_cache()

@@ -24,6 +24,57 @@ def time_ms(fn, inputs=((),), reps: int = 20, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def _capture(fn, inputs):
+    """A CUDA graph that calls fn(*inputs[i]) for every copy (repeated to >= 8 calls), and its number of calls."""
+    n = len(inputs)
+    calls = max(8, n)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(n, 3)):  # warm-up (cuBLAS handles, kernel attributes) outside the capture
+            fn(*inputs[i])
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*inputs[i % n])
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    return graph, calls
+
+
+def time_graphs(cases, reps: int) -> list[float]:
+    """Median ms per call of each ``(fn, inputs)`` case, from CUDA-graph replays taken in turn (case 0, 1, ..., 0,
+    1, ...) so that every case sees the same clocks and temperature; a long compute-bound run slows down as the GPU
+    heats, which timing the cases one after the other charges to whichever runs later."""
+    graphs = [_capture(fn, inputs) for fn, inputs in cases]
+    times = [[] for _ in graphs]
+    for _ in range(reps):
+        for (graph, calls), case_times in zip(graphs, times, strict=True):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            case_times.append(start.elapsed_time(end) / calls)
+    del graphs
+    return [statistics.median(t) for t in times]
+
+
+def time_cases(cases: dict, reps: int, eager: bool = False) -> dict:
+    """Median ms per call of each named ``(fn, inputs)`` case: graph replays taken in turn (time_graphs), or single
+    eager calls where asked or where a case cannot be captured."""
+    if not eager:
+        try:
+            return dict(zip(cases, time_graphs(list(cases.values()), reps), strict=True))
+        except Exception as error:  # noqa: BLE001  (e.g. a third-party kernel that cannot be captured)
+            print(f"  graph timing failed ({error}); eager calls instead")
+            torch.cuda.synchronize()
+    return {name: time_ms(fn, inputs, reps) for name, (fn, inputs) in cases.items()}
+
+
 def back_to_back_ms(fn, reps: int, calls: int = 20) -> float:
     """Milliseconds per call of ``calls`` calls of ``fn()`` issued back to back (host work overlaps the device's,
     as in a loop that does not wait for each call)."""
@@ -36,19 +87,19 @@ def copies_for(nbytes: int) -> int:
     return max(1, math.ceil(4 * l2 / max(nbytes, 1)))
 
 
-def copy_bandwidth(reps: int) -> float:
-    """TB/s of a 1 GiB device-to-device copy, counting bytes read and written."""
+def copy_bandwidth(reps: int, eager: bool = True) -> float:
+    """TB/s of a 1 GiB device-to-device copy, counting bytes read and written (timed as the caller times its ops)."""
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    return 2 * n / time_ms(lambda: dst.copy_(src), reps=reps) / 1e9
+    return 2 * n / time_cases({"copy": (lambda: dst.copy_(src), [()])}, reps, eager)["copy"] / 1e9
 
 
-def fill_bandwidth(reps: int) -> float:
+def fill_bandwidth(reps: int, eager: bool = True) -> float:
     """TB/s of a 1 GiB fill (bytes written only)."""
     n = 1 << 30
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    return n / time_ms(lambda: dst.fill_(7), reps=reps) / 1e9
+    return n / time_cases({"fill": (lambda: dst.fill_(7), [()])}, reps, eager)["fill"] / 1e9
 
 
 def emit(lines: list[str], out: str | None) -> None:
