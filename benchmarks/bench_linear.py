@@ -188,7 +188,7 @@ def main():
     for op in ("gemm_4bit", "int8_mixed_linear"):
         if op in CUDA_REFERENCE_OPS:
             print(f"WARNING: lowbit::{op} runs the PyTorch reference kernel on CUDA")
-    copy_tbps = copy_bandwidth(20, args.eager)
+    copy_tbps = copy_bandwidth(20)
     mode = "eager calls" if args.eager else "CUDA-graph replays"
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); timing: {mode}", flush=True)
 

@@ -122,7 +122,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, extension: {CUDA_EXTENSION_STATUS}")
     if CUDA_REFERENCE_OPS:
         print(f"ops running the reference kernel on CUDA: {CUDA_REFERENCE_OPS}")
-    copy_tbps, fill_tbps = copy_bandwidth(args.reps, args.eager), fill_bandwidth(args.reps, args.eager)
+    copy_tbps, fill_tbps = copy_bandwidth(args.reps), fill_bandwidth(args.reps)
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write); fill: {fill_tbps:.2f} TB/s (write only)")
 
     rows = []

@@ -87,19 +87,20 @@ def copies_for(nbytes: int) -> int:
     return max(1, math.ceil(4 * l2 / max(nbytes, 1)))
 
 
-def copy_bandwidth(reps: int, eager: bool = True) -> float:
-    """TB/s of a 1 GiB device-to-device copy, counting bytes read and written (timed as the caller times its ops)."""
+def copy_bandwidth(reps: int) -> float:
+    """TB/s of a 1 GiB device-to-device copy, counting bytes read and written. Eager calls: a captured copy becomes a
+    graph memcpy node, which ran at 2.7 TB/s against 4.1 for the eager copy kernel on an H200."""
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    return 2 * n / time_cases({"copy": (lambda: dst.copy_(src), [()])}, reps, eager)["copy"] / 1e9
+    return 2 * n / time_ms(lambda: dst.copy_(src), reps=reps) / 1e9
 
 
-def fill_bandwidth(reps: int, eager: bool = True) -> float:
-    """TB/s of a 1 GiB fill (bytes written only)."""
+def fill_bandwidth(reps: int) -> float:
+    """TB/s of a 1 GiB fill (bytes written only), eager calls as copy_bandwidth."""
     n = 1 << 30
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    return n / time_cases({"fill": (lambda: dst.fill_(7), [()])}, reps, eager)["fill"] / 1e9
+    return n / time_ms(lambda: dst.fill_(7), reps=reps) / 1e9
 
 
 def emit(lines: list[str], out: str | None) -> None:
