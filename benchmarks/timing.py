@@ -65,7 +65,7 @@ def time_graphs(cases, reps: int) -> list[float]:
 
 def time_cases(cases: dict, reps: int, eager: bool = False) -> dict:
     """Median ms per call of each named ``(fn, inputs)`` case: graph replays taken in turn (time_graphs), or single
-    eager calls where asked or where a case cannot be captured."""
+    eager calls of every case where asked or where any of them cannot be captured."""
     if not eager:
         try:
             return dict(zip(cases, time_graphs(list(cases.values()), reps), strict=True))
