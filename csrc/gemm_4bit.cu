@@ -458,7 +458,7 @@ struct CtaShape {
 // `per_sm[w]`: CTAs of w warps that fit on an SM.
 CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& per_sm) {
   const int64_t sms = multiprocessor_count();
-  CtaShape best{8, 8};
+  CtaShape best{};
   double best_time = INFINITY;
   for (int warps = 8; warps >= 4; --warps) {
     if (forced_warps() != 0 && warps != forced_warps()) continue;
@@ -469,6 +469,8 @@ CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& pe
       if (time < best_time) best = {warps, wr}, best_time = time;
     }
   }
+  TORCH_CHECK_VALUE(best_time < INFINITY, "environment variable TORCHLOWBIT_GEMM4BIT_WR (", forced_wr(),
+                    ") must divide TORCHLOWBIT_GEMM4BIT_WARPS (", forced_warps(), ")");
   return best;
 }
 

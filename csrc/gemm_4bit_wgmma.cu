@@ -447,8 +447,13 @@ int forced_min_tiles() {
 
 // Tuning override of the warpgroups a CTA of BN = 64 (2 or 4; 0: the rule in gemm_4bit_wgmma).
 int forced_wg() {
-  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_WG", 2, 4, 0);
-  return value == 3 ? 0 : value;
+  static const int value = [] {
+    const int v = env_override("TORCHLOWBIT_GEMM4BIT_WGMMA_WG", 2, 4, 0);
+    TORCH_CHECK_VALUE(v != 3,
+                      "environment variable TORCHLOWBIT_GEMM4BIT_WGMMA_WG must be 2 or 4 (or 0: the default), got 3");
+    return v;
+  }();
+  return value;
 }
 
 // One tile a CTA and one CTA an SM: a grid whose last wave leaves many SMs idle loses to dequantize + cuBLAS

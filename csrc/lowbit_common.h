@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
@@ -140,12 +141,19 @@ inline int multiprocessor_count() {
   return counts[device];
 }
 
-// A tuning override: the integer in environment variable `name`, or `fallback` when it is unset or outside
-// [lo, hi]. Callers read it once per process.
+// A tuning override: the integer in environment variable `name` (`fallback` when it is unset or empty). Any other
+// value outside [lo, hi], or not an integer, is an error rather than silently ignored. Callers read it once per
+// process.
 inline int env_override(const char* name, int lo, int hi, int fallback) {
   const char* env = std::getenv(name);
-  const int v = env != nullptr ? std::atoi(env) : fallback;
-  return v >= lo && v <= hi ? v : fallback;
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && errno == 0 && (v == fallback || (v >= lo && v <= hi)), "environment variable ",
+                    name, " must be an integer in [", lo, ", ", hi, "] (or ", fallback, ": the default), got '", env,
+                    "'");
+  return static_cast<int>(v);
 }
 
 // Raises Kernel's dynamic shared-memory limit on the current device to `smem` bytes (more than 48 KB needs the

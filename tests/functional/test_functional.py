@@ -547,7 +547,8 @@ def test_states_of_the_wrong_kind_are_rejected(device):
         (lambda: F.dequantize_4bit(q4, {"absmax": s8.absmax}), TypeError, "quant_state must be a QuantState, got dict"),
         (lambda: F.gemv_4bit(A, q4, state=s8), ValueError, "state must be the state of 4-bit codes"),
         (lambda: F.dequantize_blockwise(q8, (s8.absmax, s8.code)), TypeError, "must be a QuantState, got tuple"),
-        (lambda: bnb.nn.Params4bit(q4, quant_state=s8), TypeError, "quant_state must be a 4-bit QuantState"),
+        (lambda: bnb.nn.Params4bit(q4, quant_state=s8), ValueError, "quant_state must be the state of 4-bit codes"),
+        (lambda: bnb.nn.Params4bit(q4, quant_state=(s8.absmax,)), TypeError, "quant_state must be a QuantState"),
     ]:
         with pytest.raises(error, match=message):
             call()

@@ -768,10 +768,15 @@ def test_linear8bitlt_non_float_plain_weight_raises_type_error(device):
         layer(randn((4, 64), device=device))
 
 
-def test_linear8bitlt_weight_of_wrong_shape_raises(device):
-    layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
-    layer.weight = bnb.nn.Int8Params(randn((32, 64), device=device), has_fp16_weights=False)
-    with pytest.raises(ValueError, match=r"Linear8bitLt.weight must have shape \[48, 64\], got \[32, 64\]"):
+@pytest.mark.parametrize("name", ["Linear8bitLt", "Linear4bit"])
+def test_weight_of_wrong_shape_raises(device, name):
+    if name == "Linear8bitLt":
+        layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, device=device)
+        layer.weight = bnb.nn.Int8Params(randn((32, 64), device=device), has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(64, 48, device=device)
+        layer.weight = bnb.nn.Params4bit(randn((32, 64), device=device))
+    with pytest.raises(ValueError, match=rf"{name}.weight must have shape \[48, 64\], got \[32, 64\]"):
         layer(randn((4, 64), device=device))
 
 

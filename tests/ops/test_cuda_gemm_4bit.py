@@ -145,6 +145,37 @@ def test_forced_cta_shapes(warps, wr):
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
 
 
+_BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error's pattern)
+    ({"TORCHLOWBIT_GEMM4BIT_WARPS": "8", "TORCHLOWBIT_GEMM4BIT_WR": "3"}, 1, r"GEMM4BIT_WR \(3\) must divide"),
+    ({"TORCHLOWBIT_GEMM4BIT_WARPS": "9"}, 1, r"GEMM4BIT_WARPS must be an integer in \[4, 8\]"),
+    ({"TORCHLOWBIT_GEMM4BIT_WR": "two"}, 1, r"GEMM4BIT_WR must be an integer in \[1, 8\].*got 'two'"),
+    ({"TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "1e3"}, 1, r"GEMM4BIT_FUSED_MAX_M must be an integer"),
+    ({"TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "3", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}, 64, r"must be 2 or 4"),
+]
+
+
+@pytest.mark.parametrize("env, m, message", _BAD_OVERRIDES)
+def test_bad_tuning_overrides_raise(env, m, message):
+    # A tuning override that cannot be honoured is a ValueError naming it, not silently replaced by the default.
+    if "TORCHLOWBIT_GEMM4BIT_WGMMA_WG" in env and not _wgmma_device():
+        pytest.skip("the wgmma kernel's override is read on Hopper only")
+    script = f"""
+import re, torch, torchlowbit
+from torchlowbit import codebooks
+W = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+packed, absmax = torch.ops.lowbit.quantize_4bit(W, 64, "nf4", torch.uint8)
+A = torch.randn({m}, 256, device="cuda", dtype=torch.bfloat16)
+try:
+    torch.ops.lowbit.gemm_4bit(A, packed, absmax, 64, "nf4", W.shape)
+except ValueError as error:
+    assert re.search({message!r}, str(error)), str(error)
+    print("raised")
+"""
+    child = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert child.returncode == 0 and child.stdout.strip() == "raised", child.stdout[-2000:] + child.stderr[-2000:]
+
+
 def _wgmma_device():
     return torch.cuda.get_device_capability() == (9, 0)
 

@@ -1,4 +1,4 @@
-"""The input check the quantized linear layers share: a clear error naming the layer, not an op's argument."""
+"""The checks the quantized linear layers share: clear errors naming the layer, not an op's argument."""
 
 import torch
 from torch import nn
@@ -13,3 +13,10 @@ def check_input(layer: nn.Linear, x: torch.Tensor) -> None:
         raise TypeError(f"{name} input must have a float dtype (float16, bfloat16, float32), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != layer.in_features:
         raise ValueError(f"{name} input must have shape (..., {layer.in_features}), got {list(x.shape)}")
+
+
+def check_weight_shape(layer: nn.Linear, shape: tuple[int, ...]) -> None:
+    """The (logical) ``shape`` of ``layer.weight`` must be ``(layer.out_features, layer.in_features)``."""
+    expected = [layer.out_features, layer.in_features]
+    if list(shape) != expected:
+        raise ValueError(f"{type(layer).__name__}.weight must have shape {expected}, got {list(shape)}")

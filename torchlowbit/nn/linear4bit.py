@@ -10,7 +10,7 @@ from .. import _dtensor
 from .. import functional as F
 from ..ops.checks import FLOAT_DTYPES
 from .frozen_op_call import call_op
-from .layer_input import check_input
+from .layer_input import check_input, check_weight_shape
 from .params4bit import Params4bit
 from .weight_loading import LoadsQuantizedWeight
 
@@ -56,11 +56,7 @@ class Linear4bit(LoadsQuantizedWeight, nn.Linear):
 
     def _check_weight(self, weight: torch.Tensor | None = None) -> Params4bit:
         weight = Params4bit.checked(self.weight if weight is None else weight, f"{type(self).__name__}.weight")
-        if weight.logical_shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"{type(self).__name__}.weight stands for shape {list(weight.logical_shape)}, "
-                f"expected {[self.out_features, self.in_features]}"
-            )
+        check_weight_shape(self, weight.logical_shape)
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from torch import nn
 
 from .frozen_op_call import call_op
 from .int8params import Int8Params
-from .layer_input import check_input
+from .layer_input import check_input, check_weight_shape
 from .weight_loading import LoadsQuantizedWeight
 
 
@@ -101,11 +101,7 @@ class Linear8bitLt(LoadsQuantizedWeight, nn.Linear):
         weight, state = self.weight, self.state
         if isinstance(weight, Int8Params):
             weight = Int8Params.checked(weight, f"{type(self).__name__}.weight")
-            if weight.shape != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"{type(self).__name__}.weight must have shape {[self.out_features, self.in_features]}, "
-                    f"got {list(weight.shape)}"
-                )
+            check_weight_shape(self, weight.shape)
             if state.force_no_igemmlt:
                 return nn.functional.linear(x, weight.dequantize().to(x.dtype), _cast(self.bias, x.dtype))
             bias = self.bias

@@ -98,13 +98,7 @@ class Params4bit(QuantizedParameter):
         if isinstance(data, Params4bit):
             return data.detach()
         if quant_state is not None:
-            if (
-                not isinstance(quant_state, F.QuantState)
-                or quant_state.quant_type not in F.QuantState.valid_quant_types
-            ):
-                got = getattr(quant_state, "quant_type", type(quant_state).__name__)
-                raise TypeError(f"quant_state must be a 4-bit QuantState (from quantize_4bit), got {got!r}")
-            inner, meta = _from_quant_state(data, quant_state)
+            inner, meta = _from_quant_state(data, F._checked_state(quant_state, "quant_state", four_bit=True))
         else:
             check_quant_type(quant_type)
             if quant_storage not in QUANT_STORAGE_DTYPES:
