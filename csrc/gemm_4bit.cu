@@ -469,8 +469,8 @@ CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& pe
       if (time < best_time) best = {warps, wr}, best_time = time;
     }
   }
-  TORCH_CHECK_VALUE(best_time < INFINITY, "environment variable TORCHLOWBIT_GEMM4BIT_WR (", forced_wr(),
-                    ") must divide TORCHLOWBIT_GEMM4BIT_WARPS (", forced_warps(), ")");
+  TORCH_CHECK_VALUE(best_time < INFINITY, "environment variable TORCHLOWBIT_GEMM4BIT_WR (", num(forced_wr()),
+                    ") must divide TORCHLOWBIT_GEMM4BIT_WARPS (", num(forced_warps()), ")");
   return best;
 }
 

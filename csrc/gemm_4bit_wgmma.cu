@@ -12,9 +12,10 @@
 //   - Weights: a thread's A-fragment registers hold rows g and g + 8 of its warp's 16 at k 2t, 2t + 1 and 2t + 8,
 //     2t + 9 of each 16 (lane = 4 g + t), i.e. byte t of each 4-byte word of a row. The quad of a row loads its
 //     words t and t + 4 of the stage's 32 bytes and transposes the bytes among its lanes (two shuffles and two
-//     PRMTs a word), then each byte is looked up in a table of float32 code pairs (256 bytes an entry, lane l's
-//     copy at 8 l: one PRMT and one conflict-free LDS.64), multiplied by the block's float32 absmax and rounded to
-//     A's dtype: weights bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the
+//     PRMTs a word), then each byte is looked up in a table of float32 code pairs (128 bytes an entry, lanes l and
+//     l + 16 sharing the copy at 8 (l % 16): an LDS.64's half warps are separate wavefronts, so PRMT, shift and
+//     one conflict-free LDS.64), multiplied by the block's float32 absmax and rounded to A's dtype: weights
+//     bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the
 //     tensor cores multiply this one.
 //   - The absmax (decoded as the reference does, nested or plain) is per row and stage: blocksize >= 64.
 // Output: each thread stores its accumulators (plus the bias, in float32) rounded to A's dtype.
@@ -29,7 +30,7 @@ namespace lowbit {
 namespace {
 
 constexpr int kStageK = 64;             // k a stage: 128 bytes of a 16-bit row, the swizzle's width
-constexpr int kTableBytes = 256 * 256;  // entry b at 256 b: float32 code[b >> 4], code[b & 15]; lane l's at 8 l
+constexpr int kTableBytes = 256 * 128;  // entry b at 128 b: float32 code[b >> 4], code[b & 15]; lane l's at 8 (l % 16)
 constexpr int kSmemBytes = 227 * 1024;  // the most a CTA can have (sm_90)
 
 // A CTA: WG warpgroups of 64 weight rows each, BN rows of A.
@@ -210,13 +211,13 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = lane & 3;
-  if (tid < 256) {  // entry b = tid: 32 copies of the float32 pair, stores rotated so quarter warps hit distinct banks
+  if (tid < 256) {  // entry b = tid: 16 copies of the float32 pair, stores rotated so quarter warps hit distinct banks
     const int b = tid;
     const float hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
     const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
 #pragma unroll
-    for (int q = 0; q < 16; ++q) reinterpret_cast<uint4*>(table + 256 * b)[(q + b) & 15] = v;
+    for (int q = 0; q < 8; ++q) reinterpret_cast<uint4*>(table + 128 * b)[(q + b) & 7] = v;
     s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   }
 
@@ -312,7 +313,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 #pragma unroll
   for (int h = 0; h < 2; ++h) row_block(r0 + 8 * h, d_blk[h], d_rem[h]);
   const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
-  const uint32_t lane8 = 8 * lane;
+  const uint32_t lane16 = 16 * (lane & 15);  // the lane's copy at 8 (lane % 16), doubled: table_offset's is halved
   // Stage s's A fragments: frag[k16][register], registers (row g, k 2t), (row g + 8, k 2t), (g, 2t + 8),
   // (g + 8, 2t + 8).
   auto dequantize = [&](int s, uint32_t (&frag)[4][4]) {
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
         const uint32_t x = quad_transpose(w, t);  // byte j: k 2t, 2t + 1 of the 8 k of word 4 u + j
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float2 c = *reinterpret_cast<const float2*>(table + table_offset(x, j, lane8));
+          const float2 c = *reinterpret_cast<const float2*>(table + (table_offset(x, j, lane16) >> 1));
           frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
         }
       }

@@ -151,8 +151,8 @@ inline int env_override(const char* name, int lo, int hi, int fallback) {
   errno = 0;
   const long v = std::strtol(env, &end, 10);
   TORCH_CHECK_VALUE(*end == '\0' && errno == 0 && (v == fallback || (v >= lo && v <= hi)), "environment variable ",
-                    name, " must be an integer in [", lo, ", ", hi, "] (or ", fallback, ": the default), got '", env,
-                    "'");
+                    name, " must be an integer in [", num(lo), ", ", num(hi), "] (or ", num(fallback),
+                    ": the default), got '", env, "'");
   return static_cast<int>(v);
 }
 
