@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace lowbit {
 
@@ -139,6 +140,36 @@ inline int multiprocessor_count() {
     counts[device] = n;
   }
   return counts[device];
+}
+
+inline int compute_capability_major() {
+  static int majors[64] = {0};
+  const int device = c10::cuda::current_device();
+  int major = device < 64 ? majors[device] : 0;
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (device < 64) majors[device] = major;
+  }
+  return major;
+}
+
+// Launches `kernel` on the current stream; with `overlap_previous`, by programmatic dependent launch where the device
+// has it (sm_90+): its CTAs may then start while the previous kernel of the stream finishes, so the kernel must call
+// wait_for_previous_grid() (gemm_4bit_device.h) before it touches memory that kernel may write or read.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, bool overlap_previous,
+                   Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = current_stream();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = overlap_previous && compute_capability_major() >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 // A tuning override: the integer in environment variable `name` (`fallback` when it is unset or empty). Any other
