@@ -127,10 +127,10 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC /
   }
 }
 
-// Launches with MT = 1 overlap the previous kernel of the stream (programmatic dependent launch): the table is built
-// while it finishes, and a CTA at its last tile lets the next kernel start (H200, m = 1 and 8, ms: 4096x4096 0.0074 ->
-// 0.0065 and 0.0091 -> 0.0083, 4096x14336 0.0175 -> 0.0169 and 0.0224 -> 0.0213). With MT = 2 (one CTA an SM) it cost
-// 2% (8192x28672 m = 32: 0.108 -> 0.110 ms).
+// Launches with MT = 1 (m <= 8) overlap the previous kernel of the stream (programmatic dependent launch): a CTA at its
+// last tile lets the next kernel's CTAs start, which wait for it before their first access to memory (H200, ms, m = 1
+// and 8: 4096x4096 0.0074 -> 0.0065 and 0.0091 -> 0.0085, 4096x14336 0.0175 -> 0.0169 and 0.0222 -> 0.0216, 8192x28672
+// 0.0512 -> 0.0506 and 0.0712 -> 0.0706). With MT = 2 (one CTA an SM) it measured 2% slower (8192x28672 m = 32).
 template <int MT>
 constexpr bool kOverlapsPrevious = MT == 1;
 
@@ -156,8 +156,7 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   float* s_ncode = reinterpret_cast<float*>(smem + kTableBytes);
   float* s_red = s_ncode + 256;  // fragments: [warp][MT * NT * 4][lane]
 
-  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k), built
-  // from constants while the previous kernel may still run; the nested code (memory) after waiting for it
+  // byte table: entry b = code[b >> 4] | code[b & 15] << 16 in T (an A-fragment register: two consecutive k)
   auto table_entry = [&](int b) {
     const float c_hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
     const float c_lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
@@ -166,11 +165,11 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
     for (int q = 0; q < 8; ++q) {  // rotated so that a quarter warp's 16-byte stores hit different banks
       reinterpret_cast<uint4*>(smem + 256 * b)[(q + b) & 7] = make_uint4(v, v, v, v);
     }
+    s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   };
+  if constexpr (kOverlapsPrevious<MT>) wait_for_previous_grid();
   table_entry(threadIdx.x);
   if (threadIdx.x < 256 - blockDim.x) table_entry(threadIdx.x + blockDim.x);  // CTAs of fewer than 8 warps
-  if constexpr (kOverlapsPrevious<MT>) wait_for_previous_grid();
-  for (int b = threadIdx.x; b < 256; b += blockDim.x) s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

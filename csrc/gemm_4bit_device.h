@@ -18,9 +18,9 @@ __device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
   return v;
 }
 
-// Programmatic dependent launch (launch_kernel with overlap_previous): wait until the previous kernel of the stream has finished and
-// its writes are visible; let the next kernel's CTAs start (they wait in turn before touching memory). Both are
-// no-ops where the launch did not ask for it, and below sm_90.
+// Programmatic dependent launch (launch_kernel with overlap_previous): wait until the previous kernel of the stream
+// has finished and its writes are visible; let the next kernel's CTAs start (they wait in turn before touching
+// memory). Both are no-ops where the launch did not ask for it, and below sm_90.
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
