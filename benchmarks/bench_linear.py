@@ -7,9 +7,9 @@ Shapes are DESIGN.md's (in x out, rows m of the bf16 activation). Times are medi
 after warm-up, in ms per call. By default each timing replays a CUDA graph of several calls that cycle through
 copies of the weights and inputs (enough copies to exceed 4x the L2 cache), so the figures are device time
 without Python dispatch, and the cases of a row (bf16, NF4, int8) replay in turn, in a shuffled order each round,
-so that they share the GPU's clocks and temperature; --eager times single eager calls instead (event pair around each call). For small m
-the packed weight bytes (codes + uint8 absmax + nested scales) are counted against the measured device copy
-bandwidth.
+so that they share the GPU's clocks and temperature; --eager times single eager calls instead (event pair around
+each call). For small m the packed weight bytes (codes + uint8 absmax + nested scales) are counted against the
+measured device copy bandwidth.
 
     python benchmarks/bench_linear.py [--reps 30] [--eager] [--sweep] [--json out.json]
 """

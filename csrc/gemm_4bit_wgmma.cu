@@ -15,8 +15,8 @@
 //     PRMTs a word), then each byte is looked up in a table of float32 code pairs (128 bytes an entry, lanes l and
 //     l + 16 sharing the copy at 8 (l % 16): an LDS.64's half warps are separate wavefronts, so PRMT, shift and
 //     one conflict-free LDS.64), multiplied by the block's float32 absmax and rounded to A's dtype: weights
-//     bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the
-//     tensor cores multiply this one.
+//     bit-identical to dequantize_4bit's. The next stage's weights are dequantized while the tensor cores multiply
+//     this one.
 //   - The absmax (decoded as the reference does, nested or plain) is per row and stage: blocksize >= 64.
 // Output: each thread stores its accumulators (plus the bias, in float32) rounded to A's dtype.
 #include "gemm_4bit_wgmma.h"

@@ -173,7 +173,7 @@ def test_aot_inductor_package(tmp_path, device):
     if _TORCH_VERSION < (2, 13):
         # On the GPU machine (torch 2.11+cu130) aoti_load_package segfaults in AOTIModelPackageLoader for every
         # package, a plain nn.Linear + GELU without torchlowbit imported included: CUDA packages since the first
-        # check, CPU packages too on the machine of 2026-11-21's last session. CI (torch 2.13, CPU) runs it.
+        # check, CPU packages too when checked again (2026-11-21, fifth session). CI (torch 2.13, CPU) runs it.
         pytest.skip("AOTInductor packages segfault on load in torch 2.11 on the GPU machine, torchlowbit or not")
     torch.manual_seed(0)
     layers = (bnb.nn.Linear4bit(64, 128, quant_type="nf4"), nn.GELU(),

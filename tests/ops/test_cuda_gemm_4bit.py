@@ -161,7 +161,6 @@ def test_bad_tuning_overrides_raise(env, m, message):
         pytest.skip("the wgmma kernel's override is read on Hopper only")
     script = f"""
 import re, torch, torchlowbit
-from torchlowbit import codebooks
 W = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
 packed, absmax = torch.ops.lowbit.quantize_4bit(W, 64, "nf4", torch.uint8)
 A = torch.randn({m}, 256, device="cuda", dtype=torch.bfloat16)
