@@ -469,11 +469,8 @@ bool fills_gpu(int64_t tiles) {
 
 bool sm90a_device() {
 #if defined(LOWBIT_SM90A)
-  const int device = c10::cuda::current_device();
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>() == 9 &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>() == 0;
 #else
   return false;
 #endif

@@ -126,32 +126,20 @@ inline at::Tensor contiguous_aligned(const at::Tensor& A, int64_t alignment) {
 // The current CUDA stream (c10::cuda's, the same one at::cuda::getCurrentCUDAStream returns).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline int multiprocessor_count() {
-  static int counts[64] = {0};
+// Attribute `Attr` of the current device, queried once per device (devices past 64 on every call).
+template <cudaDeviceAttr Attr>
+inline int device_attribute() {
+  static int values[64] = {};
+  static bool known[64] = {};
   const int device = c10::cuda::current_device();
-  if (device >= 64) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }
-  if (counts[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n;
-  }
-  return counts[device];
+  if (device < 64 && known[device]) return values[device];
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, device));
+  if (device < 64) values[device] = v, known[device] = true;
+  return v;
 }
 
-inline int compute_capability_major() {
-  static int majors[64] = {0};
-  const int device = c10::cuda::current_device();
-  int major = device < 64 ? majors[device] : 0;
-  if (major == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (device < 64) majors[device] = major;
-  }
-  return major;
-}
+inline int multiprocessor_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // Launches `kernel` on the current stream; with `overlap_previous`, by programmatic dependent launch where the device
 // has it (sm_90+): its CTAs may then start while the previous kernel of the stream finishes, so the kernel must call
@@ -168,7 +156,7 @@ void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, siz
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
-  config.numAttrs = overlap_previous && compute_capability_major() >= 9 ? 1 : 0;
+  config.numAttrs = overlap_previous && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
