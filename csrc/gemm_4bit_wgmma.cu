@@ -22,6 +22,7 @@
 #include "gemm_4bit_wgmma.h"
 
 #include "gemm_4bit_device.h"
+#include "hopper.h"
 #include "lowbit_quantize.h"
 
 #include <climits>
@@ -106,36 +107,9 @@ struct WgmmaParams {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Descriptor of a K-major operand in shared memory with the 128-byte swizzle: rows of 128 bytes, 8-row groups
-// 1024 bytes apart (the stride dimension), the start advanced by 32 bytes for each 16 k inside the row.
-__device__ __forceinline__ uint64_t swizzle128_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of an accumulator across the asynchronous multiply.
-__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
 #define LOWBIT_ACC4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define LOWBIT_ACC8(i) LOWBIT_ACC4(i), LOWBIT_ACC4(i + 4)
@@ -465,15 +439,6 @@ bool fills_gpu(int64_t tiles) {
   if (forced >= 0) return tiles >= forced;
   const int64_t sms = multiprocessor_count();
   return 5 * tiles >= 4 * ceil_div(tiles, sms) * sms;
-}
-
-bool sm90a_device() {
-#if defined(LOWBIT_SM90A)
-  return device_attribute<cudaDevAttrComputeCapabilityMajor>() == 9 &&
-         device_attribute<cudaDevAttrComputeCapabilityMinor>() == 0;
-#else
-  return false;
-#endif
 }
 
 }  // namespace

@@ -87,6 +87,44 @@ __device__ float quantize_row(const T* __restrict__ row, int64_t k, float thresh
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The epilogue of the scaled int8 matmul (int8_matmul.cu, int8_matmul_wgmma.cu): an int32 product acc of row `row`
+// and column `col` becomes ((acc * row_stats) * col_stats) / 127**2 (+ bias) in float32, plus LLM.int8's outlier
+// columns, rounded once to the output dtype.
+
+// The reference multiplies by the float64 1/127**2 rounded to float32.
+constexpr float kInv127Squared = static_cast<float>(1.0 / (127.0 * 127.0));
+
+struct EpilogueParams {
+  int64_t rows, n, k;
+  const float* row_stats;  // null for the int32 product
+  const float* col_stats;
+  const float* bias;  // float32 or null
+  // outliers (count null when there are none): A (rows, k) in the output dtype, the columns, B (n, k)
+  const void* outlier_A;
+  const int32_t* outlier_index;
+  const int32_t* outlier_count;
+  const int8_t* B;
+};
+
+__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, int64_t col, int32_t acc) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), __ldg(e.col_stats + col));
+  v = __fmul_rn(v, kInv127Squared);
+  return e.bias ? __fadd_rn(v, __ldg(e.bias + col)) : v;
+}
+
+// The dequantized weight value of an outlier column: B * (col_stats / 127), as the reference forms it.
+__device__ __forceinline__ float outlier_weight(const EpilogueParams& e, int64_t col, int32_t column) {
+  return __fmul_rn(static_cast<float>(e.B[col * e.k + column]), __fdiv_rn(__ldg(e.col_stats + col), 127.0f));
+}
+
+// The scaled product of A (rows, k) and B (n, k), int8, 16-byte aligned rows, into out (rows, n) of dtype, with e's
+// epilogue (row_stats set), in one Hopper kernel (int8_matmul_wgmma.cu); false where it does not apply (not an sm_90a
+// build or device, k % 16 != 0, fewer rows than TORCHLOWBIT_INT8_WGMMA_MIN_M (default 64), fewer 128 x 256 tiles than
+// 3/4 of the SMs) and the caller takes another path.
+bool int8_matmul_wgmma(const at::Tensor& A, const at::Tensor& B, void* out, at::ScalarType dtype,
+                       const EpilogueParams& e);
+
+// ---------------------------------------------------------------------------------------------------
 
 // The rows of A (..., k): all but its last dimension.
 inline int64_t leading_rows(const at::Tensor& A) { return c10::multiply_integers(A.sizes().slice(0, A.dim() - 1)); }

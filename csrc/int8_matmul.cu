@@ -3,10 +3,11 @@
 // ((acc * row_stats) * col_stats) / 127**2 (+ bias) in float32, rounded once to the output dtype.
 //
 // Up to kGemvMaxRows rows: one fused kernel streams the weight once (dp4a, int32 accumulation) and applies
-// the epilogue in registers. More rows (where dp4a would bound the time, not memory): cuBLAS' int8
-// tensor-core GEMM (at::_int_mm, which needs more than 16 rows: fewer are padded) into int32, then one
-// epilogue pass. LLM.int8's outlier columns are added in float32 by either epilogue, their weight columns
-// staged in shared memory per tile.
+// the epilogue in registers. More rows (where dp4a would bound the time, not memory): on Hopper from
+// TORCHLOWBIT_INT8_WGMMA_MIN_M rows (default 64), where its tiles fill the GPU, the wgmma kernel of
+// int8_matmul_wgmma.cu, epilogue in registers; otherwise cuBLAS' int8 tensor-core GEMM (at::_int_mm, which needs more than 16 rows: fewer are
+// padded) into int32, then one epilogue pass. LLM.int8's outlier columns are added in float32 by every
+// epilogue, their weight columns staged in shared memory per tile.
 #include "int8.h"
 
 #include <torch/library.h>
@@ -15,32 +16,6 @@
 
 namespace lowbit {
 namespace {
-
-// The reference multiplies by the float64 1/127**2 rounded to float32.
-constexpr float kInv127Squared = static_cast<float>(1.0 / (127.0 * 127.0));
-
-struct EpilogueParams {
-  int64_t rows, n, k;
-  const float* row_stats;  // null for the int32 product
-  const float* col_stats;
-  const float* bias;  // float32 or null
-  // outliers (count null when there are none): A (rows, k) in the output dtype, the columns, B (n, k)
-  const void* outlier_A;
-  const int32_t* outlier_index;
-  const int32_t* outlier_count;
-  const int8_t* B;
-};
-
-__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, int64_t col, int32_t acc) {
-  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), __ldg(e.col_stats + col));
-  v = __fmul_rn(v, kInv127Squared);
-  return e.bias ? __fadd_rn(v, __ldg(e.bias + col)) : v;
-}
-
-// The dequantized weight value of an outlier column: B * (col_stats / 127), as the reference forms it.
-__device__ __forceinline__ float outlier_weight(const EpilogueParams& e, int64_t col, int32_t column) {
-  return __fmul_rn(static_cast<float>(e.B[col * e.k + column]), __fdiv_rn(__ldg(e.col_stats + col), 127.0f));
-}
 
 template <typename OutT>
 __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
@@ -442,6 +417,7 @@ at::Tensor int8_scaled_matmul(const at::Tensor& A, const at::Tensor& B, const at
   const EpilogueParams e = epilogue_params(rows, n, k, quantize_a ? nullptr : &rs, &cs, b, outliers, &B);
   at::Tensor C;
   if (!quantize_a && use_cublas(rows, k, n)) {
+    if (int8_matmul_wgmma(A, B, out.data_ptr(), dtype, e)) return out;
     C = at::empty({rows, n}, A.options().dtype(at::kInt));
     int_mm(A, B, C);
   }

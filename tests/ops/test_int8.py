@@ -445,6 +445,31 @@ def test_int8_scaled_mm_is_the_composition(device, a_shape, dtype, with_bias):
     _assert_close_in_dtype(out, ref, dtype or torch.float16, magnitude)
 
 
+def _assert_same(got: torch.Tensor, want: torch.Tensor, exact: bool):
+    if exact:
+        assert torch.equal(got, want), f"max difference {(got.double() - want.double()).abs().max().item()}"
+    else:
+        torch.testing.assert_close(got, want, rtol=_eps(got.dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, n, k", [(64, 25600, 128), (200, 13000, 144), (300, 8717, 272)])
+def test_int8_scaled_mm_many_rows_is_the_composition(device, rows, n, k, dtype):
+    # From 64 rows, with 128 x 256 tiles for 3/4 of the SMs or more (these shapes: 100-105), a Hopper GPU takes the
+    # fused wgmma kernel (epilogue in registers), while the composition takes cuBLAS' int32 product and the epilogue
+    # kernel: on CUDA the bits must agree. The shapes leave partial tiles of rows, columns and k (128), and an odd n.
+    A = _randint8((rows, k), device, seed=40)
+    B = _randint8((n, k), device, seed=41)
+    g = torch.Generator().manual_seed(42)
+    row_stats = (torch.rand(rows, generator=g) * 3 + 0.1).to(device)
+    col_stats = (torch.rand(n, generator=g) * 3 + 0.1).to(device)
+    bias = torch.randn(n, generator=g).to(device)
+    out = ops.int8_scaled_mm(A, B, row_stats, col_stats, bias, dtype)
+    composed = ops.int8_mm_dequant(ops.int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _assert_same(out, composed, exact=device == "cuda")
+
+
 # --------------------------------------------------------------------------------------------------------
 # int8_mixed_linear
 # --------------------------------------------------------------------------------------------------------
@@ -520,6 +545,25 @@ def test_int8_mixed_linear_outlier_decomposition(device, a_shape, dtype):
     assert ((out_t.cpu().double() - expected).abs() <= tol).all()
     _assert_matches_cpu(ops.int8_mixed_linear, (A, CB, SCB, None, t), (out_t, mask), exact=False,
                         rtol=3 * _eps(dtype), atol=3 * _eps(dtype) * 50)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("outliers", [3, 70])
+def test_int8_mixed_linear_many_rows_is_row_chunks(device, dtype, outliers):
+    # 192 rows (100 tiles) take the fused wgmma kernel on Hopper, chunks of 32 rows cuBLAS and the epilogue kernel. With
+    # the same outlier columns in every row (70: more than the 16 the kernel gathers ahead) their bits must agree.
+    rows, n, k = 192, 12800, 256
+    A = randn((rows, k), dtype, device, seed=43).clamp(-3, 3)
+    g = torch.Generator().manual_seed(44)
+    columns = torch.randperm(k, generator=g)[:outliers]
+    big = (torch.rand(rows, outliers, generator=g) * 60 + 8) * torch.randn(rows, outliers, generator=g).sign()
+    A[:, columns] = big.to(dtype).to(device)
+    CB, SCB, _ = _int8_weight(n, k, device, seed=45)
+    bias = randn((n,), dtype, device, seed=46)
+    out, mask = ops.int8_mixed_linear(A, CB, SCB, bias, 6.0)
+    assert sorted(mask.nonzero().view(-1).tolist()) == sorted(columns.tolist())
+    chunks = torch.cat([ops.int8_mixed_linear(A[r : r + 32], CB, SCB, bias, 6.0)[0] for r in range(0, rows, 32)])
+    _assert_same(out, chunks, exact=device == "cuda")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
