@@ -5,6 +5,9 @@ outputs are also compared with the CPU op on the same inputs.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -468,6 +471,25 @@ def test_int8_scaled_mm_many_rows_is_the_composition(device, rows, n, k, dtype):
     composed = ops.int8_mm_dequant(ops.int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias)
     assert out.shape == (rows, n) and out.dtype == dtype
     _assert_same(out, composed, exact=device == "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels read the override")
+def test_bad_int8_wgmma_override_raises():
+    # The rows from which the int8 wgmma kernel runs, read once per process: a value that is not a non-negative
+    # integer is a ValueError naming the variable, not silently the default.
+    script = """
+import torch, torchlowbit
+A = torch.ones(64, 256, dtype=torch.int8, device="cuda")
+stats = torch.ones(64, device="cuda")
+try:
+    torch.ops.lowbit.int8_scaled_mm(A, A, stats, stats, None, torch.float16)
+except ValueError as error:
+    assert "TORCHLOWBIT_INT8_WGMMA_MIN_M" in str(error), str(error)
+    print("raised")
+"""
+    env = {**os.environ, "TORCHLOWBIT_INT8_WGMMA_MIN_M": "-1"}
+    child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and child.stdout.strip() == "raised", child.stdout[-2000:] + child.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------------
