@@ -117,6 +117,12 @@ __device__ __forceinline__ float outlier_weight(const EpilogueParams& e, int64_t
   return __fmul_rn(static_cast<float>(e.B[col * e.k + column]), __fdiv_rn(__ldg(e.col_stats + col), 127.0f));
 }
 
+// The unquantized activation of an outlier column as float32: A (rows, k) of the output's float type.
+template <typename OutT>
+__device__ __forceinline__ float outlier_activation(const EpilogueParams& e, int64_t row, int32_t column) {
+  return static_cast<float>(static_cast<const OutT*>(e.outlier_A)[row * e.k + column]);
+}
+
 // The scaled product of A (rows, k) and B (n, k), int8, 16-byte aligned rows, into out (rows, n) of dtype, with e's
 // epilogue (row_stats set), in one Hopper kernel (int8_matmul_wgmma.cu); false where it does not apply (not an sm_90a
 // build or device, k % 16 != 0, fewer rows than TORCHLOWBIT_INT8_WGMMA_MIN_M (default 64), fewer 128 x 256 tiles than

@@ -33,6 +33,7 @@ constexpr int kStages = 4;
 constexpr int kThreads = 384;  // warpgroup 0 copies, 1 and 2 multiply
 constexpr int kMultiplyThreads = 256;
 constexpr int kABytes = kBM * kBK, kBBytes = kBN * kBK, kStageBytes = kABytes + kBBytes;
+constexpr int kMinRowsDefault = 64;
 constexpr int kChunkCols = 64;  // columns the epilogue takes at a time
 constexpr int kGathered = 16;   // outlier columns gathered a call and copied to each tile while it multiplies
 constexpr int kGatheredTile = kBN + kBM;  // a tile's floats of one gathered column: weights, then activations
@@ -53,7 +54,6 @@ struct GatheredOutliers {
   int64_t stride;
   int64_t w_stride;
 };
-constexpr int kMinRowsDefault = 64;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -127,7 +127,7 @@ __device__ __forceinline__ void stage_outliers(const EpilogueParams& e, float* w
       if (col < e.n) v[u] = outlier_weight(e, col, column);
     } else {
       const int64_t row = m0 + (i - kOutlierBatch * kChunkCols) % kBM;
-      if (row < e.rows) v[u] = static_cast<float>(static_cast<const OutT*>(e.outlier_A)[row * e.k + column]);
+      if (row < e.rows) v[u] = outlier_activation<OutT>(e, row, column);
     }
   }
 #pragma unroll
@@ -278,7 +278,7 @@ __global__ void gather_outliers_kernel(const EpilogueParams e, float* __restrict
     if (p < e.n) {
       v = outlier_weight(e, p, column);
     } else if (p >= w_stride && p - w_stride < e.rows) {
-      v = static_cast<float>(static_cast<const OutT*>(e.outlier_A)[(p - w_stride) * e.k + column]);
+      v = outlier_activation<OutT>(e, p - w_stride, column);
     }
   }
   data[i] = v;
@@ -338,7 +338,7 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, OutT* out, const Epilogu
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   raise_smem_limit<int8_wgmma_kernel<OutT>>(kSmemBytes);
-  const int grid = static_cast<int>(std::min<int64_t>(tiles, multiprocessor_count()));
+  const int grid = persistent_grid<int8_wgmma_kernel<OutT>>(kThreads, tiles, kSmemBytes);
   int8_wgmma_kernel<OutT><<<grid, kThreads, kSmemBytes, current_stream()>>>(a, b, out, e, gathered, m_tiles, tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
