@@ -34,13 +34,14 @@
 //     Bias is added in float32 before the final rounding.
 //   - Precision: products of the code values rounded to A's dtype (relative error <= 2^-8 for bf16, 2^-11
 //     for fp16: the output's own rounding) with A, accumulated in float32, times the exact float32 absmax.
-// 33-128 rows on Hopper, where the grid has enough tiles: the fused wgmma kernel of gemm_4bit_wgmma.cu.
+// 33-256 rows on Hopper, where the grid has enough tiles: the fused wgmma kernels of gemm_4bit_wgmma.cu.
 // Larger m, fp32 A or K % 32 != 0: dequantize into A's dtype with lowbit::dequantize_4bit (the fast kernel of
 // quantize_4bit.cu) and multiply with cuBLAS (at::mm/addmm).
 // Tuning overrides (read once per process): TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M (rows up to which the fused
 // kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8), TORCHLOWBIT_GEMM4BIT_WR
-// (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M, TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma
-// kernel runs) and TORCHLOWBIT_GEMM4BIT_WGMMA_WG (its CTA size for up to 64 rows).
+// (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M, TORCHLOWBIT_GEMM4BIT_WS_MAX_M,
+// TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma kernels run) and TORCHLOWBIT_GEMM4BIT_WGMMA_WG (the first one's
+// CTA size for up to 64 rows).
 #include "gemm_4bit_device.h"
 #include "gemm_4bit_wgmma.h"
 #include "lowbit_quantize.h"

@@ -1,5 +1,6 @@
 // Many rows of A on Hopper: out = A @ dequantize(B).T (+ bias) in one kernel that dequantizes the packed weight
-// into registers and multiplies on the tensor cores with wgmma (sm_90a), float32 accumulation.
+// into registers and multiplies on the tensor cores with wgmma (sm_90a), float32 accumulation. Two kernels: the one
+// described here for 33-128 rows, and a warp-specialized one for 129-256 (further below).
 //   - wgmma's M dimension is the weight's rows, so the dequantized weight is the register operand (A of wgmma) and
 //     never goes through shared memory; N is BN rows of the activations (64, 128 or 256), the shared-memory operand
 //     (B of wgmma), K-major as A is stored. A CTA is WG warpgroups of 64 weight rows each (4 for BN = 64 where such
@@ -19,6 +20,7 @@
 //     this one.
 //   - The absmax (decoded as the reference does, nested or plain) is per row and stage: blocksize >= 64.
 // Output: each thread stores its accumulators (plus the bias, in float32) rounded to A's dtype.
+// Above 256 rows (or where the tiles do not fill the GPU) the caller dequantizes and runs cuBLAS.
 #include "gemm_4bit_wgmma.h"
 
 #include "gemm_4bit_device.h"
@@ -145,6 +147,18 @@ __device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], u
                        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
                        "{%64, %65, %66, %67}, %68",
                        "%69", LOWBIT_ACC32(0), LOWBIT_ACC32(32));
+  } else if constexpr (N == 256) {
+    LOWBIT_WGMMA_TYPES(256,
+                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                       "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+                       "%127}, {%128, %129, %130, %131}, %132",
+                       "%133", LOWBIT_ACC32(0), LOWBIT_ACC32(32), LOWBIT_ACC32(64), LOWBIT_ACC32(96));
   }
 }
 #undef LOWBIT_WGMMA_TYPES
@@ -158,6 +172,86 @@ __device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], u
 __device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
   const uint32_t u = __byte_perm(w, __shfl_xor_sync(0xffffffffu, w, 2), t < 2 ? 0x5410u : 0x3276u);
   return __byte_perm(u, __shfl_xor_sync(0xffffffffu, u, 1), (t & 1) ? 0x3715u : 0x6240u);
+}
+
+// A thread's accumulators (plus the bias, in float32) rounded into out: accumulator 4 i + 2 h + e of half `half` is
+// weight row n + 8 h (the output's column), row a_base + 128 half + 8 i + 2 t + e of A.
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile(const WgmmaParams& p, const float (&acc)[BN / 2], int64_t n, int a_base,
+                                           int t) {
+  constexpr int kN = BN < 128 ? BN : 128;  // wgmma's N
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (n + 8 * h >= p.N) continue;
+    const float bias = load_bias(p.bias, p.bias_kind, n + 8 * h);
+#pragma unroll
+    for (int half = 0; half < BN / kN; ++half)
+#pragma unroll
+      for (int i = 0; i < kN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int a = a_base + kN * half + 8 * i + 2 * t + e;
+          if (a < p.m) {
+            Elem<T>::store1(out + int64_t(a) * p.N + n + 8 * h,
+                            __fadd_rn(acc[kN / 2 * half + 4 * i + 2 * h + e], bias));
+          }
+        }
+  }
+}
+
+// The code-pair table: entry b = thread b < 256, 16 copies of the float32 pair, stores rotated so that quarter warps
+// hit distinct banks.
+__device__ __forceinline__ void fill_code_pairs(unsigned char* table, int fp4, int b) {
+  const float hi = fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
+  const float lo = fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
+  const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
+#pragma unroll
+  for (int q = 0; q < 8; ++q) reinterpret_cast<uint4*>(table + 128 * b)[(q + b) & 7] = v;
+}
+
+// x (byte j: byte t of word 4 u + j of a row's 32 bytes of a stage, i.e. its k 2t and 2t + 1 of those 8) dequantized
+// with absmax am into the row's half h of the stage's A fragments (see dequantize in the kernels).
+template <typename T>
+__device__ __forceinline__ void dequantize_bytes(const unsigned char* table, uint32_t x, uint32_t lane16, float am,
+                                                 int h, int u, uint32_t (&frag)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 c = *reinterpret_cast<const float2*>(table + (table_offset(x, j, lane16) >> 1));
+    frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
+  }
+}
+
+// The 16 weights code[i] * am rounded to T (as dequantize_4bit rounds them) as two 16-byte tables in registers: byte i
+// of lo (hi) is the low (high) byte of weight i.
+template <typename T>
+__device__ __forceinline__ void value_tables(const float (&code)[16], float am, uint32_t (&lo)[4], uint32_t (&hi)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t a = Elem<T>::pack2(__fmul_rn(code[4 * i], am), __fmul_rn(code[4 * i + 1], am));
+    const uint32_t b = Elem<T>::pack2(__fmul_rn(code[4 * i + 2], am), __fmul_rn(code[4 * i + 3], am));
+    lo[i] = __byte_perm(a, b, 0x6420);
+    hi[i] = __byte_perm(a, b, 0x7531);
+  }
+}
+
+// Byte i of the result: byte n_i of the 16-byte table t, n_i the i-th 4-bit field of a selector s (s7: s & 0x7777,
+// `upper`: whether n_i >= 8 as PRMT's choice of byte i or 4 + i).
+__device__ __forceinline__ uint32_t table16(const uint32_t (&t)[4], uint32_t s7, uint32_t upper) {
+  return __byte_perm(__byte_perm(t[0], t[1], s7), __byte_perm(t[2], t[3], s7), upper);
+}
+
+// x as in dequantize_bytes, its weights looked up in the value tables of value_tables: no shared memory.
+__device__ __forceinline__ void dequantize_bytes(uint32_t x, const uint32_t (&lo)[4], const uint32_t (&hi)[4], int h,
+                                                 int u, uint32_t (&frag)[4][4]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {  // bytes 2q and 2q + 1: nibbles (k odd, k even, k odd, k even) from bit 0
+    const uint32_t s = x >> 16 * q;
+    const uint32_t s7 = s & 0x7777u, upper = 0x3210u | (s >> 1 & 0x4444u);
+    const uint32_t l = table16(lo, s7, upper), hh = table16(hi, s7, upper);
+    frag[2 * u + q][h] = __byte_perm(l, hh, 0x4051);      // byte 2q: the weight of k even in the low half
+    frag[2 * u + q][2 + h] = __byte_perm(l, hh, 0x6273);  // byte 2q + 1
+  }
 }
 
 template <typename T, int BN, int WG>
@@ -185,14 +279,9 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = lane & 3;
-  if (tid < 256) {  // entry b = tid: 16 copies of the float32 pair, stores rotated so quarter warps hit distinct banks
-    const int b = tid;
-    const float hi = p.fp4 ? kFP4Code[b >> 4] : kNF4Code[b >> 4];
-    const float lo = p.fp4 ? kFP4Code[b & 15] : kNF4Code[b & 15];
-    const uint4 v = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
-#pragma unroll
-    for (int q = 0; q < 8; ++q) reinterpret_cast<uint4*>(table + 128 * b)[(q + b) & 7] = v;
-    s_ncode[b] = p.nested ? __ldg(p.nested_code + b) : 0.0f;
+  if (tid < 256) {
+    fill_code_pairs(table, p.fp4, tid);
+    s_ncode[tid] = p.nested ? __ldg(p.nested_code + tid) : 0.0f;
   }
 
   const int K = p.K, L = p.log2_block, n_stages = K / kStageK;
@@ -307,12 +396,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const uint32_t w = *reinterpret_cast<const uint32_t*>(ws + r * 128 + (((piece + u) ^ (r & 7)) << 4) + 4 * t);
-        const uint32_t x = quad_transpose(w, t);  // byte j: k 2t, 2t + 1 of the 8 k of word 4 u + j
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 c = *reinterpret_cast<const float2*>(table + (table_offset(x, j, lane16) >> 1));
-          frag[2 * u + (j >> 1)][2 * (j & 1) + h] = Elem<T>::pack2(__fmul_rn(c.x, am), __fmul_rn(c.y, am));
-        }
+        dequantize_bytes<T>(table, quad_transpose(w, t), lane16, am, h, u, frag);
       }
     }
   };
@@ -367,26 +451,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
 
-  // Accumulator 4 i + 2 h + e of half `half`: weight row g + 8 h of the warp's 16, row kN half + 8 i + 2 t + e of
-  // the tile's A.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n = w_base + r0 + 8 * h;
-    if (n >= p.N) continue;
-    const float bias = load_bias(p.bias, p.bias_kind, n);
-#pragma unroll
-    for (int half = 0; half < kHalves; ++half)
-#pragma unroll
-      for (int i = 0; i < kN / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int a = a_base + kN * half + 8 * i + 2 * t + e;
-          if (a < p.m) {
-            Elem<T>::store1(out + int64_t(a) * p.N + n, __fadd_rn(acc[kN / 2 * half + 4 * i + 2 * h + e], bias));
-          }
-        }
-  }
+  store_tile<T, BN>(p, acc, w_base + r0, a_base, t);
 }
 
 #else  // not an sm_90a pass: gemm_4bit_wgmma never launches it (the host checks the device)
@@ -395,6 +460,162 @@ template <typename T, int BN, int WG>
 __global__ void gemm_4bit_wgmma_kernel(const WgmmaParams) {}
 
 #endif
+
+// The warp-specialized kernel for more rows (129-256 by default): a persistent CTA of three warpgroups walks tiles of
+// 128 weight rows x 256 rows of A, A's tiles adjacent. Warpgroup 0 feeds a ring of stages of 64 k: one thread copies
+// each stage's activations (256 rows of 128 bytes, 128-byte swizzle) and weights (128 rows of 32 bytes, 32-byte
+// swizzle) with bulk tensor copies, and each of its threads decodes its weight row's absmax for the stage (loaded a
+// stage ahead) into shared memory; a stage completes on its `full` mbarrier. Warpgroups 1 and 2 dequantize rows 0-63
+// and 64-127 of the tile into the A fragments of the kernel above (through value tables in registers, not the shared
+// code-pair table) and multiply them, and release a stage on its `empty` mbarrier once its multiplies are done.
+constexpr int kWsThreads = 384;
+constexpr int kWsTileRows = 128;
+constexpr int kWsBN = 256;
+constexpr int kWsWeightStageBytes = kWsTileRows * kStageK / 2;
+constexpr int kWsScaleStageBytes = kWsTileRows * 4;
+constexpr int kWsStageBytes = activation_stage_bytes<kWsBN>() + kWsWeightStageBytes + kWsScaleStageBytes;
+// nested code, 2 mbarriers a stage (at most 8 stages), room to align the stages
+constexpr int kWsFixedBytes = 256 * 4 + 16 * 8 + 1024;
+constexpr int kWsStages = (kSmemBytes - kWsFixedBytes) / kWsStageBytes;
+static_assert(kWsStages >= 3 && kWsStages <= 8, "the ring's mbarriers");
+constexpr int kWsSmemBytes = kWsFixedBytes + kWsStages * kWsStageBytes;
+
+template <typename T>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    gemm_4bit_ws_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                        const WgmmaParams p, int tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = kWsBN, kStages = kWsStages, kABytes = activation_stage_bytes<BN>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s_ncode = reinterpret_cast<float*>(smem_raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(s_ncode + 256);
+  uint64_t* empty = full + kStages;
+  unsigned char* after = reinterpret_cast<unsigned char*>(empty + kStages);
+  unsigned char* a_stages = after + ((1024 - (smem_addr(after) & 1023)) & 1023);
+  unsigned char* w_stages = a_stages + kStages * kABytes;  // [stage][row][32 bytes], 16-byte halves swizzled
+  float* s_scales = reinterpret_cast<float*>(w_stages + kStages * kWsWeightStageBytes);  // [stage][row]
+  const int tid = threadIdx.x, lane = tid & 31;
+  if (tid < 256) s_ncode[tid] = p.nested ? __ldg(p.nested_code + tid) : 0.0f;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full + s, 1 + 128);  // the copies' arrival and each copier thread's absmax
+      mbarrier_init(empty + s, 8);       // each multiplying warp
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  const int n_stages = p.K / kStageK;
+  uint32_t it = 0;  // stages of earlier tiles: stage s of the tile is the ring's it + s
+
+  if (tid < 128) {  // the copier
+    registers_decrease<40>();
+    const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it += n_stages) {
+      const int a0 = (tile % p.a_tiles) * BN, n0 = (tile / p.a_tiles) * kWsTileRows;
+      const int64_t first = int64_t(min(n0 + tid, p.N - 1)) * p.K;  // this thread's weight row
+      // Stage s's absmax of the row: its code and nested scale, or its scale (loaded a stage ahead of its use).
+      auto load = [&](int s, uint32_t& q, float& scale) {
+        const int64_t blk = (first + int64_t(s) * kStageK) >> p.log2_block;
+        q = p.nested ? __ldg(p.absmax_q + blk) : 0;
+        scale = p.nested ? __ldg(p.nested_absmax + (blk >> p.log2_nested)) : __ldg(p.absmax + blk);
+      };
+      uint32_t q;
+      float scale;
+      load(0, q, scale);
+      for (int s = 0; s < n_stages; ++s) {
+        const float am = p.nested ? __fadd_rn(__fmul_rn(s_ncode[q], scale), offset) : scale;
+        if (s + 1 < n_stages) load(s + 1, q, scale);
+        const uint32_t slot = (it + s) % kStages;
+        mbarrier_wait(empty + slot, ((it + s) / kStages & 1) ^ 1);
+        if (tid == 0) {
+          mbarrier_expect_bytes(full + slot, kABytes + kWsWeightStageBytes);
+          tma_load_2d(a_stages + slot * kABytes, &a_map, s * kStageK, a0, full + slot);
+          tma_load_2d(w_stages + slot * kWsWeightStageBytes, &w_map, s * kStageK / 2, n0, full + slot);
+        }
+        s_scales[slot * kWsTileRows + tid] = am;
+        mbarrier_arrive(full + slot);
+      }
+    }
+  } else {  // the multiplying warpgroups
+    registers_increase<232>();
+    const int warp = (tid >> 5) - 4, t = lane & 3;
+    const int r0 = 16 * warp + (lane >> 2);  // rows r0 and r0 + 8 of the tile
+    const uint32_t pick = t | (t + 4) << 4;  // bytes t and 4 + t of two words
+    float code[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) code[i] = p.fp4 ? kFP4Code[i] : kNF4Code[i];
+    // Waits for stage s of the tile, then dequantizes its A fragments (the layout of the kernel above): each lane of a
+    // quad loads its rows' 16-byte halves and picks its bytes, and looks the weights up in tables of the row's 16
+    // values built in registers (table lookups in shared memory would compete with the multiplies' reads). The halves
+    // are swapped in rows 4-7 of every 8 (the 32-byte swizzle), so a warp's 8 rows hit distinct banks.
+    auto dequantize = [&](int s, uint32_t (&frag)[4][4]) {
+      const uint32_t slot = (it + s) % kStages;
+      mbarrier_wait(full + slot, (it + s) / kStages & 1);
+      const unsigned char* ws = w_stages + slot * kWsWeightStageBytes;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        uint32_t lo[4], hi[4];
+        value_tables<T>(code, s_scales[slot * kWsTileRows + r], lo, hi);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint4 v = *reinterpret_cast<const uint4*>(ws + r * 32 + ((u ^ ((r >> 2) & 1)) << 4));
+          dequantize_bytes(__byte_perm(__byte_perm(v.x, v.y, pick), __byte_perm(v.z, v.w, pick), 0x5410), lo, hi, h,
+                           u, frag);
+        }
+      }
+    };
+    auto release = [&](int s) {
+      if (lane == 0) mbarrier_arrive(empty + (it + s) % kStages);
+    };
+    const uint64_t desc0 = swizzle128_desc(smem_addr(a_stages));
+    float acc[BN / 2];
+    uint32_t fa[4][4], fb[4][4];
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it += n_stages) {
+      const int a0 = (tile % p.a_tiles) * BN, n0 = (tile / p.a_tiles) * kWsTileRows;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+      // Stage s: multiply `cur`; once stage s - 1's multiplies are done, release its buffers and dequantize stage
+      // s + 1 into `next` (its fragments) while the tensor cores run.
+      auto stage = [&](int s, const uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+        wgmma_fence();
+        const uint64_t desc = desc0 + (it + s) % kStages * (kABytes >> 4);
+#pragma unroll
+        for (int k16 = 0; k16 < 4; ++k16)
+#pragma unroll
+          for (int half = 0; half < BN / 128; ++half)
+            wgmma_m64k16<T, 128>(acc + 64 * half, cur[k16], desc + ((half * 128 * 128 + 32 * k16) >> 4));
+        wgmma_commit();
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+        wgmma_wait<1>();
+        if (s > 0) release(s - 1);
+        if (s + 1 < n_stages) dequantize(s + 1, next);
+      };
+      dequantize(0, fa);
+      for (int s = 0; s < n_stages; s += 2) {
+        stage(s, fa, fb);
+        if (s + 1 < n_stages) stage(s + 1, fb, fa);
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      release(n_stages - 1);
+      store_tile<T, BN>(p, acc, n0 + r0, a0, t);
+    }
+  }
+#endif
+}
+
+template <typename T>
+void launch_ws(const CUtensorMap& a, const CUtensorMap& w, const WgmmaParams& p, int tiles) {
+  raise_smem_limit<gemm_4bit_ws_kernel<T>>(kWsSmemBytes);
+  const int grid = persistent_grid<gemm_4bit_ws_kernel<T>>(kWsThreads, tiles, kWsSmemBytes);
+  gemm_4bit_ws_kernel<T><<<grid, kWsThreads, kWsSmemBytes, current_stream()>>>(a, w, p, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T, int BN, int WG>
 void launch(const WgmmaParams& p, int64_t w_tiles) {
@@ -407,6 +628,9 @@ void launch(const WgmmaParams& p, int64_t w_tiles) {
 
 // Measured (H200, 8192x28672): 1.05-1.29x faster than dequantize + cuBLAS at m = 48-128, slower at 192 and 512.
 constexpr int kMaxMDefault = 128;
+// Measured (H200): the warp-specialized kernel 1.3-1.5x faster than dequantize + cuBLAS at m = 192-256 (8192x28672,
+// 4096x14336), 0.94-0.96x at m = 512.
+constexpr int kWsMaxMDefault = 256;
 
 // Rows of A up to which the kernel runs (above: dequantize + cuBLAS).
 int wgmma_max_m() {
@@ -441,6 +665,34 @@ bool fills_gpu(int64_t tiles) {
   return 5 * tiles >= 4 * ceil_div(tiles, sms) * sms;
 }
 
+// Rows of A up to which the warp-specialized kernel runs where wgmma_max_m() ends (above: dequantize + cuBLAS).
+int ws_max_m() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_WS_MAX_M", INT_MIN, INT_MAX, kWsMaxMDefault);
+  return value;
+}
+
+// The warp-specialized kernel for p (its A and weight fields set) where it applies (A's rows and the packed weight's
+// are 16-byte aligned, whole multiples of 16 bytes as K % 64 == 0) and its tiles fill the GPU.
+bool gemm_4bit_ws(const at::Tensor& A2, WgmmaParams& p) {
+  const int64_t M = A2.size(0);
+  if (reinterpret_cast<uintptr_t>(p.A) % 16 != 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0 ||
+      A2.stride(0) != p.K) {
+    return false;
+  }
+  p.a_tiles = static_cast<int>(ceil_div(M, kWsBN));
+  const int64_t tiles = ceil_div(p.N, kWsTileRows) * p.a_tiles;
+  if (tiles >= INT_MAX || !fills_gpu(tiles)) return false;
+  const CUtensorMap a = tile_map_2d(p.A, CU_TENSOR_MAP_DATA_TYPE_UINT16, M, p.K, 2 * int64_t(p.K), kWsBN, kStageK,
+                                    CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap w = tile_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / 2, p.K / 2, kWsTileRows,
+                                    kStageK / 2, CU_TENSOR_MAP_SWIZZLE_32B);
+  dispatch_float(A2.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) launch_ws<T>(a, w, p, static_cast<int>(tiles));
+  });
+  return true;
+}
+
 }  // namespace
 
 bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor& absmax, int log2_block,
@@ -448,9 +700,8 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
                      const at::Tensor* nested_offset, int log2_nested, const at::Tensor* bias, int64_t N, int64_t K,
                      at::Tensor& out2) {
   const at::ScalarType dtype = A2.scalar_type();
-  if (A2.size(0) > wgmma_max_m() || dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 ||
-      K >= (int64_t(1) << 30) || N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device() ||
-      (nested_absmax != nullptr && reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 4 != 0)) {  // word copies
+  if (dtype == at::kFloat || K % kStageK != 0 || log2_block < 6 || K >= (int64_t(1) << 30) ||
+      N >= (int64_t(1) << 31) || A2.size(0) >= (int64_t(1) << 31) || !sm90a_device()) {
     return false;
   }
   WgmmaParams p{};
@@ -458,6 +709,8 @@ bool gemm_4bit_wgmma(const at::Tensor& A2, const at::Tensor& packed, const at::T
   p.A = A2.data_ptr();
   p.out = out2.data_ptr();
   p.m = static_cast<int>(A2.size(0));
+  if (A2.size(0) > wgmma_max_m()) return A2.size(0) <= ws_max_m() && gemm_4bit_ws(A2, p);
+  if (nested_absmax != nullptr && reinterpret_cast<uintptr_t>(absmax.data_ptr()) % 4 != 0) return false;  // word copies
   // BN: 64 rows of A up to 64, else 128 or 256 (256 unless 128 wastes fewer rows of A). With BN = 64, four
   // warpgroups (256 weight rows a tile: each stage's activations serve twice the weights) where those tiles fill
   // the GPU, else two; larger BN leaves registers for two.

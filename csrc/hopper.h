@@ -6,6 +6,8 @@
 
 #include "lowbit_common.h"
 
+#include <cudaTypedefs.h>
+
 namespace lowbit {
 
 // Whether this build has sm_90a kernels and the current device runs them.
@@ -16,6 +18,36 @@ inline bool sm90a_device() {
 #else
   return false;
 #endif
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (the extension does not link libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "the CUDA driver does not provide cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The tensor map of a row-major matrix (rows, cols) of `type` at `data` (16-byte aligned, row_bytes apart, a multiple
+// of 16), copied in boxes of box_rows x box_cols with `swizzle` (the box's row at most the swizzle's width); elements
+// outside the matrix arrive as zeros.
+inline CUtensorMap tile_map_2d(const void* data, CUtensorMapDataType type, int64_t rows, int64_t cols,
+                               int64_t row_bytes, int box_rows, int box_cols, CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(row_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result = tensor_map_encoder()(&map, type, 2, const_cast<void*>(data), dims, row_stride, box,
+                                               element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed with error ", num(result));
+  return map;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

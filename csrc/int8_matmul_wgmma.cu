@@ -18,8 +18,6 @@
 #include "hopper.h"
 #include "int8.h"
 
-#include <cudaTypedefs.h>
-
 #include <climits>
 #include <type_traits>
 
@@ -284,33 +282,11 @@ __global__ void gather_outliers_kernel(const EpilogueParams e, float* __restrict
   data[i] = v;
 }
 
-// cuTensorMapEncodeTiled from the driver, through the runtime (the extension does not link libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-                "the CUDA driver does not provide cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
 // The tensor map of an int8 matrix (rows, k) with 16-byte aligned rows, copied in boxes of box_rows x kBK bytes with
 // the 128-byte swizzle that the wgmma descriptors expect.
 CUtensorMap int8_tile_map(const at::Tensor& t, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(t.size(1)), static_cast<cuuint64_t>(t.size(0))};
-  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(t.stride(0))};
-  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result = tensor_map_encoder()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, t.data_ptr(), dims, row_stride, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed with error ", num(result));
-  return map;
+  return tile_map_2d(t.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, t.size(0), t.size(1), t.stride(0), box_rows, kBK,
+                     CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 // Rows of A from which the kernel runs where its tiles fill the GPU (fewer rows: cuBLAS and the epilogue kernel).

@@ -151,14 +151,16 @@ _BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error
     ({"TORCHLOWBIT_GEMM4BIT_WR": "two"}, 1, r"GEMM4BIT_WR must be an integer in \[1, 8\].*got 'two'"),
     ({"TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "1e3"}, 1, r"GEMM4BIT_FUSED_MAX_M must be an integer"),
     ({"TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "3", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}, 64, r"must be 2 or 4"),
+    ({"TORCHLOWBIT_GEMM4BIT_WS_MAX_M": "x"}, 200, r"GEMM4BIT_WS_MAX_M must be an integer"),
 ]
 
 
 @pytest.mark.parametrize("env, m, message", _BAD_OVERRIDES)
 def test_bad_tuning_overrides_raise(env, m, message):
     # A tuning override that cannot be honoured is a ValueError naming it, not silently replaced by the default.
-    if "TORCHLOWBIT_GEMM4BIT_WGMMA_WG" in env and not _wgmma_device():
-        pytest.skip("the wgmma kernel's override is read on Hopper only")
+    hopper_only = ("TORCHLOWBIT_GEMM4BIT_WGMMA_WG", "TORCHLOWBIT_GEMM4BIT_WS_MAX_M")
+    if any(name in env for name in hopper_only) and not _wgmma_device():
+        pytest.skip("the wgmma kernels' overrides are read on Hopper only")
     script = f"""
 import re, torch, torchlowbit
 W = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
@@ -179,17 +181,24 @@ def _wgmma_device():
     return torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.parametrize("warpgroups", [2, 4])
-def test_forced_wgmma_kernel(warpgroups):
-    # The wgmma kernel (Hopper) runs by default only where its tiles fill the GPU (large layers) and m <= 128;
-    # forced for every shape it takes (K % 64 == 0, blocksize >= 64), every m (the fused kernel of few rows off)
-    # and both CTA sizes, the value tests run in a child.
+_FORCED_KERNELS = {
+    # the wgmma kernel for every m, both CTA sizes
+    "wgmma-2": {"TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000", "TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "2"},
+    "wgmma-4": {"TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000", "TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "4"},
+    # the warp-specialized kernel for every m
+    "ws": {"TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "0", "TORCHLOWBIT_GEMM4BIT_WS_MAX_M": "100000"},
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_FORCED_KERNELS))
+def test_forced_wgmma_kernels(kernel):
+    # The Hopper kernels run by default only where they are the fastest path; forced for every shape they take
+    # (K % 64 == 0, blocksize >= 64) and every m (the fused kernel of few rows off), the value tests run in a child.
     env = {
         **os.environ,
         "TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "0",
-        "TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M": "100000",
         "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1",
-        "TORCHLOWBIT_GEMM4BIT_WGMMA_WG": str(warpgroups),
+        **_FORCED_KERNELS[kernel],
     }
     select = "matches_float64 or bias_dtypes or blocksizes or nested_blocksizes or path_switch or graph_capture"
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
@@ -198,17 +207,18 @@ def test_forced_wgmma_kernel(warpgroups):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _wgmma_device(), reason="the wgmma kernel is for Hopper")
-def test_wgmma_kernel_runs_on_large_layers():
-    # one tile of 256 weight rows an SM: the default rule (m <= 128, waves that keep 80% of the SMs busy) picks the
-    # wgmma kernel
+@pytest.mark.parametrize("m, kernel", [(64, "gemm_4bit_wgmma_kernel"), (200, "gemm_4bit_ws_kernel")])
+def test_wgmma_kernels_run_on_large_layers(m, kernel):
+    # 256 weight rows an SM: the default rules (m <= 128, then m <= 256, and waves that keep 80% of the SMs busy)
+    # pick the wgmma kernels
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shape = (256 * sms, 128)
     packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=4)
-    A = _activations((64, shape[1]), torch.bfloat16, seed=4)
+    A = _activations((m, shape[1]), torch.bfloat16, seed=4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _check(A, packed, absmax, 64, "nf4", shape, **extra)
     names = [e.name for e in prof.events()]
-    assert any("gemm_4bit_wgmma" in n for n in names), sorted(set(names))
+    assert any(kernel in n for n in names), sorted(set(names))
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 4096])
