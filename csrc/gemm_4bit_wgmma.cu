@@ -167,6 +167,32 @@ __device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t (&a)[4], u
 #undef LOWBIT_ACC8
 #undef LOWBIT_ACC4
 
+// Issues a stage's multiplies, acc (64 x BN of the warpgroup) += the A fragments `cur` (64 x 64) * the stage's
+// activations at `desc` (BN x 64): wgmma's N is BN up to 128, else two of 128 a 16 k.
+template <typename T, int BN>
+__device__ __forceinline__ void multiply_stage(float (&acc)[BN / 2], const uint32_t (&cur)[4][4], uint64_t desc) {
+  constexpr int kN = BN < 128 ? BN : 128;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int k16 = 0; k16 < 4; ++k16)
+#pragma unroll
+    for (int half = 0; half < BN / kN; ++half)
+      wgmma_m64k16<T, kN>(acc + kN / 2 * half, cur[k16], desc + ((half * kN * 128 + 32 * k16) >> 4));
+  wgmma_commit();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+}
+
+// Waits for every multiply in flight; acc then holds the tile's sums.
+template <int BN>
+__device__ __forceinline__ void finish_multiplies(float (&acc)[BN / 2]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+}
+
 // Byte t (this lane's index in its quad) of the quad's four words w (word j in lane j) into byte j: a 4 x 4 byte
 // transpose, lanes t and t ^ 2 then t and t ^ 1 swapping halves.
 __device__ __forceinline__ uint32_t quad_transpose(uint32_t w, int t) {
@@ -242,8 +268,8 @@ __device__ __forceinline__ uint32_t table16(const uint32_t (&t)[4], uint32_t s7,
 }
 
 // x as in dequantize_bytes, its weights looked up in the value tables of value_tables: no shared memory.
-__device__ __forceinline__ void dequantize_bytes(uint32_t x, const uint32_t (&lo)[4], const uint32_t (&hi)[4], int h,
-                                                 int u, uint32_t (&frag)[4][4]) {
+__device__ __forceinline__ void look_up_bytes(uint32_t x, const uint32_t (&lo)[4], const uint32_t (&hi)[4], int h, int u,
+                                              uint32_t (&frag)[4][4]) {
 #pragma unroll
   for (int q = 0; q < 2; ++q) {  // bytes 2q and 2q + 1: nibbles (k odd, k even, k odd, k even) from bit 0
     const uint32_t s = x >> 16 * q;
@@ -259,8 +285,6 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
   constexpr int kThreads = threads<WG>(), kTileRows = tile_rows(WG);
   constexpr int kStages = stages<BN, WG>(), kAhead = kStages - 2;  // stages copied ahead of the multiply
   constexpr int kWeightCopies = weight_copies(kStages), kWeightCopyBytes = weight_copy_bytes<WG>();
-  constexpr int kN = BN < 128 ? BN : 128;  // wgmma's N
-  constexpr int kHalves = BN / kN;         // wgmma instructions a 16 k
   constexpr int kStageBytes = activation_stage_bytes<BN>();
   constexpr int kScaleStageBytes = scale_stage_bytes<WG>();
   constexpr int kChunks = BN * 8 / kThreads;  // 16-byte activation copies a thread a stage
@@ -417,18 +441,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
     copy_activations(s + kAhead);
     copy_weights(s + kAhead + 1);
     cp_async_commit();  // empty groups keep the count uniform
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    wgmma_fence();
-    const uint64_t desc = desc0 + (s % kStages) * (kStageBytes >> 4);  // the address field (bits 0-13) advanced
-#pragma unroll
-    for (int k16 = 0; k16 < 4; ++k16)
-#pragma unroll
-      for (int half = 0; half < kHalves; ++half)
-        wgmma_m64k16<T, kN>(acc + kN / 2 * half, cur[k16], desc + ((half * kN * 128 + 32 * k16) >> 4));
-    wgmma_commit();
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    multiply_stage<T, BN>(acc, cur, desc0 + (s % kStages) * (kStageBytes >> 4));  // the address field advanced
     wgmma_wait<1>();
     if (s + 1 < n_stages) dequantize(s + 1, next);
   };
@@ -447,10 +460,7 @@ __global__ void __launch_bounds__(threads<WG>(), 1) gemm_4bit_wgmma_kernel(const
     stage(s, fa, fb);
     if (s + 1 < n_stages) stage(s + 1, fb, fa);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-
+  finish_multiplies<BN>(acc);
   store_tile<T, BN>(p, acc, w_base + r0, a_base, t);
 }
 
@@ -560,8 +570,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
           const uint4 v = *reinterpret_cast<const uint4*>(ws + r * 32 + ((u ^ ((r >> 2) & 1)) << 4));
-          dequantize_bytes(__byte_perm(__byte_perm(v.x, v.y, pick), __byte_perm(v.z, v.w, pick), 0x5410), lo, hi, h,
-                           u, frag);
+          look_up_bytes(__byte_perm(__byte_perm(v.x, v.y, pick), __byte_perm(v.z, v.w, pick), 0x5410), lo, hi, h, u,
+                        frag);
         }
       }
     };
@@ -578,18 +588,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       // Stage s: multiply `cur`; once stage s - 1's multiplies are done, release its buffers and dequantize stage
       // s + 1 into `next` (its fragments) while the tensor cores run.
       auto stage = [&](int s, const uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-        wgmma_fence();
-        const uint64_t desc = desc0 + (it + s) % kStages * (kABytes >> 4);
-#pragma unroll
-        for (int k16 = 0; k16 < 4; ++k16)
-#pragma unroll
-          for (int half = 0; half < BN / 128; ++half)
-            wgmma_m64k16<T, 128>(acc + 64 * half, cur[k16], desc + ((half * 128 * 128 + 32 * k16) >> 4));
-        wgmma_commit();
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+        multiply_stage<T, BN>(acc, cur, desc0 + (it + s) % kStages * (kABytes >> 4));
         wgmma_wait<1>();
         if (s > 0) release(s - 1);
         if (s + 1 < n_stages) dequantize(s + 1, next);
@@ -599,9 +598,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         stage(s, fa, fb);
         if (s + 1 < n_stages) stage(s + 1, fb, fa);
       }
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      finish_multiplies<BN>(acc);
       release(n_stages - 1);
       store_tile<T, BN>(p, acc, n0 + r0, a0, t);
     }
