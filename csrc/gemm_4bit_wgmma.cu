@@ -459,14 +459,16 @@ __global__ void gemm_4bit_wgmma_kernel(const WgmmaParams) {}
 
 #endif
 
-// The warp-specialized kernel for more rows (129-256 by default): a persistent CTA of three warpgroups walks tiles of
-// 128 weight rows x 256 rows of A, A's tiles adjacent. Warpgroup 0 feeds a ring of stages of 64 k: one thread copies
-// each stage's activations (256 rows of 128 bytes, 128-byte swizzle) and weights (128 rows of 32 bytes, 32-byte
-// swizzle) with bulk tensor copies, and each of its threads decodes its weight row's absmax for the stage (loaded a
-// stage ahead) into shared memory; a stage completes on its `full` mbarrier. Warpgroups 1 and 2 dequantize rows 0-63
-// and 64-127 of the tile into the A fragments of the kernel above (through value tables in registers, not the shared
-// code-pair table) and multiply them, and release a stage on its `empty` mbarrier once its multiplies are done.
+// The warp-specialized kernel for more rows (129-256 by default): persistent clusters of two CTAs of three warpgroups
+// walk pairs of tiles of 128 weight rows x 256 rows of A (adjacent weight tiles, one A tile), A's tiles adjacent.
+// Warpgroup 0 feeds a ring of stages of 64 k: one thread copies each stage's weights (128 rows of 32 bytes, 32-byte
+// swizzle) and half of its activations (128 rows of 128 bytes, 128-byte swizzle), multicast to both CTAs, with bulk
+// tensor copies, and each of its threads decodes its weight row's absmax for the stage (loaded a stage ahead) into
+// shared memory; a stage completes on its `full` mbarrier. Warpgroups 1 and 2 dequantize rows 0-63 and 64-127 of the
+// tile into the A fragments of the kernel above (through value tables in registers, not the shared code-pair table)
+// and multiply them, and release a stage on the `empty` mbarrier of both CTAs once its multiplies are done.
 constexpr int kWsThreads = 384;
+constexpr int kWsCluster = 2;
 constexpr int kWsTileRows = 128;
 constexpr int kWsBN = 256;
 constexpr int kWsWeightStageBytes = kWsTileRows * kStageK / 2;
@@ -481,7 +483,7 @@ constexpr int kWsSmemBytes = kWsFixedBytes + kWsStages * kWsStageBytes;
 template <typename T>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemm_4bit_ws_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
-                        const WgmmaParams p, int tiles) {
+                        const WgmmaParams p, int groups) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = kWsBN, kStages = kWsStages, kABytes = activation_stage_bytes<BN>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -497,19 +499,27 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full + s, 1 + 128);  // the copies' arrival and each copier thread's absmax
-      mbarrier_init(empty + s, 8);       // each multiplying warp
+      mbarrier_init(empty + s, 8 * kWsCluster);  // each multiplying warp of the cluster
     }
     mbarrier_init_fence();
   }
-  __syncthreads();
+  cluster_sync();
+  // The cluster walks groups of kWsCluster weight tiles with one A tile; a CTA takes the group's tile of its rank (past
+  // the weight's rows where their tiles are odd: zeros, not stored).
+  const int rank = cluster_rank();
+  auto tile_origin = [&](int group, int& a0, int& n0) {
+    a0 = (group % p.a_tiles) * kWsBN;
+    n0 = ((group / p.a_tiles) * kWsCluster + rank) * kWsTileRows;
+  };
   const int n_stages = p.K / kStageK;
   uint32_t it = 0;  // stages of earlier tiles: stage s of the tile is the ring's it + s
 
   if (tid < 128) {  // the copier
     registers_decrease<40>();
     const float offset = p.nested ? __ldg(p.nested_offset) : 0.0f;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it += n_stages) {
-      const int a0 = (tile % p.a_tiles) * BN, n0 = (tile / p.a_tiles) * kWsTileRows;
+    for (int group = cluster_index(); group < groups; group += cluster_count(), it += n_stages) {
+      int a0, n0;
+      tile_origin(group, a0, n0);
       const int64_t first = int64_t(min(n0 + tid, p.N - 1)) * p.K;  // this thread's weight row
       // Stage s's absmax of the row: its code and nested scale, or its scale (loaded a stage ahead of its use).
       auto load = [&](int s, uint32_t& q, float& scale) {
@@ -524,10 +534,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const float am = p.nested ? __fadd_rn(__fmul_rn(s_ncode[q], scale), offset) : scale;
         if (s + 1 < n_stages) load(s + 1, q, scale);
         const uint32_t slot = (it + s) % kStages;
-        mbarrier_wait(empty + slot, ((it + s) / kStages & 1) ^ 1);
+        mbarrier_wait(empty + slot, ((it + s) / kStages & 1) ^ 1);  // both CTAs are done with the slot
         if (tid == 0) {
           mbarrier_expect_bytes(full + slot, kABytes + kWsWeightStageBytes);
-          tma_load_2d(a_stages + slot * kABytes, &a_map, s * kStageK, a0, full + slot);
+          tma_load_2d_multicast(a_stages + slot * kABytes + rank * (kABytes / kWsCluster), &a_map, s * kStageK,
+                                a0 + rank * (BN / kWsCluster), full + slot, (1 << kWsCluster) - 1);
           tma_load_2d(w_stages + slot * kWsWeightStageBytes, &w_map, s * kStageK / 2, n0, full + slot);
         }
         s_scales[slot * kWsTileRows + tid] = am;
@@ -564,13 +575,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       }
     };
     auto release = [&](int s) {
-      if (lane == 0) mbarrier_arrive(empty + (it + s) % kStages);
+      if (lane < kWsCluster) mbarrier_arrive_cluster(empty + (it + s) % kStages, lane);
     };
     const uint64_t desc0 = swizzle128_desc(smem_addr(a_stages));
     float acc[BN / 2];
     uint32_t fa[4][4], fb[4][4];
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it += n_stages) {
-      const int a0 = (tile % p.a_tiles) * BN, n0 = (tile / p.a_tiles) * kWsTileRows;
+    for (int group = cluster_index(); group < groups; group += cluster_count(), it += n_stages) {
+      int a0, n0;
+      tile_origin(group, a0, n0);
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
       // Stage s: multiply `cur`; once stage s - 1's multiplies are done, release its buffers and dequantize stage
@@ -591,15 +603,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       store_tile<T, BN>(p, acc, n0 + r0, a0, t);
     }
   }
+  cluster_sync();  // the other CTA no longer arrives on this one's barriers
 #endif
 }
 
 template <typename T>
-void launch_ws(const CUtensorMap& a, const CUtensorMap& w, const WgmmaParams& p, int tiles) {
-  raise_smem_limit<gemm_4bit_ws_kernel<T>>(kWsSmemBytes);
-  const int grid = persistent_grid<gemm_4bit_ws_kernel<T>>(kWsThreads, tiles, kWsSmemBytes);
-  gemm_4bit_ws_kernel<T><<<grid, kWsThreads, kWsSmemBytes, current_stream()>>>(a, w, p, tiles);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void launch_ws(const CUtensorMap& a, const CUtensorMap& w, const WgmmaParams& p, int groups) {
+  launch_persistent_clusters<gemm_4bit_ws_kernel<T>>(kWsCluster, groups, kWsThreads, kWsSmemBytes, a, w, p, groups);
 }
 
 template <typename T, int BN, int WG>
@@ -665,15 +675,15 @@ bool gemm_4bit_ws(const at::Tensor& A2, WgmmaParams& p) {
     return false;
   }
   p.a_tiles = static_cast<int>(ceil_div(M, kWsBN));
-  const int64_t tiles = ceil_div(p.N, kWsTileRows) * p.a_tiles;
-  if (tiles >= INT_MAX || !fills_gpu(tiles)) return false;
-  const CUtensorMap a = tile_map_2d(p.A, CU_TENSOR_MAP_DATA_TYPE_UINT16, M, p.K, 2 * int64_t(p.K), kWsBN, kStageK,
-                                    CU_TENSOR_MAP_SWIZZLE_128B);
+  const int64_t w_tiles = ceil_div(p.N, kWsTileRows), groups = ceil_div(w_tiles, kWsCluster) * p.a_tiles;
+  if (groups >= INT_MAX || !fills_gpu(w_tiles * p.a_tiles)) return false;
+  const CUtensorMap a = tile_map_2d(p.A, CU_TENSOR_MAP_DATA_TYPE_UINT16, M, p.K, 2 * int64_t(p.K),
+                                    kWsBN / kWsCluster, kStageK, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap w = tile_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / 2, p.K / 2, kWsTileRows,
                                     kStageK / 2, CU_TENSOR_MAP_SWIZZLE_32B);
   dispatch_float(A2.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, float>) launch_ws<T>(a, w, p, static_cast<int>(tiles));
+    if constexpr (!std::is_same_v<T, float>) launch_ws<T>(a, w, p, static_cast<int>(groups));
   });
   return true;
 }

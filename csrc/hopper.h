@@ -50,16 +50,46 @@ inline CUtensorMap tile_map_2d(const void* data, CUtensorMapDataType type, int64
   return map;
 }
 
+// Launches Kernel on the current stream as a persistent grid of clusters of `cluster` CTAs along x: as many clusters
+// as fit on the device at once, but no more than `work` (its dynamic shared memory `smem` the same at every launch).
+template <auto Kernel, typename... Args>
+void launch_persistent_clusters(int cluster, int64_t work, unsigned block, size_t smem, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = current_stream();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  raise_smem_limit<Kernel>(smem);
+  static const int fit = [&config] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, Kernel, &config));
+    return n > 0 ? n : 1;
+  }();
+  config.gridDim = dim3(static_cast<unsigned>(cluster * (work < fit ? (work > 0 ? work : 1) : fit)));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, std::forward<Args>(args)...));
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Asynchronous 16-byte copies from global to shared memory, committed in groups; wait<N> waits until at most N
+// Asynchronous copies from global to shared memory, committed in groups; wait<N> waits until at most N
 // groups are in flight.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+// 4 bytes, or zeros where `valid` is false (nothing read from src).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -118,6 +148,47 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int x, i
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
           smem_addr(dst)),
       "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// The copy above, multicast: the box lands at dst's offset in the shared memory of each CTA of the cluster in the
+// mask `ctas` (bit i: rank i) and completes its bytes on the mbarrier at bar's offset in each of them.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, int x, int y, uint64_t* bar,
+                                                      uint16_t ctas) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar)), "h"(ctas)
+      : "memory");
+}
+
+// Clusters: the CTA's rank in its cluster, the cluster's index in the grid and the number of clusters.
+__device__ __forceinline__ int cluster_rank() {
+  uint32_t v;
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(v));
+  return static_cast<int>(v);
+}
+__device__ __forceinline__ int cluster_index() {
+  uint32_t v;
+  asm("mov.u32 %0, %%clusterid.x;\n" : "=r"(v));
+  return static_cast<int>(v);
+}
+__device__ __forceinline__ int cluster_count() {
+  uint32_t v;
+  asm("mov.u32 %0, %%nclusterid.x;\n" : "=r"(v));
+  return static_cast<int>(v);
+}
+// A barrier of every thread of the cluster: what a thread wrote to shared memory before it (mbarrier initializations
+// among them) is visible to the cluster's threads after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Arrives on the mbarrier at bar's offset in the shared memory of the cluster's CTA of rank `rank`.
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, int rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(rank)
       : "memory");
 }
 

@@ -106,10 +106,15 @@ struct EpilogueParams {
   const int8_t* B;
 };
 
-__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, int64_t col, int32_t acc) {
-  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), __ldg(e.col_stats + col));
+// From the column's scale and bias (the bias not read where e.bias is null).
+__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, float col_stat, float bias,
+                                       int32_t acc) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), row_stat), col_stat);
   v = __fmul_rn(v, kInv127Squared);
-  return e.bias ? __fadd_rn(v, __ldg(e.bias + col)) : v;
+  return e.bias ? __fadd_rn(v, bias) : v;
+}
+__device__ __forceinline__ float scaled(const EpilogueParams& e, float row_stat, int64_t col, int32_t acc) {
+  return scaled(e, row_stat, __ldg(e.col_stats + col), e.bias ? __ldg(e.bias + col) : 0.0f, acc);
 }
 
 // The dequantized weight value of an outlier column: B * (col_stats / 127), as the reference forms it.

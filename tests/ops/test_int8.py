@@ -456,11 +456,13 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, exact: bool):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows, n, k", [(64, 25600, 128), (200, 13000, 144), (300, 8717, 272)])
+@pytest.mark.parametrize("rows, n, k", [(64, 25600, 128), (200, 13000, 144), (300, 8717, 272), (1100, 3000, 160)])
 def test_int8_scaled_mm_many_rows_is_the_composition(device, rows, n, k, dtype):
-    # From 64 rows, with 128 x 256 tiles for 3/4 of the SMs or more (these shapes: 100-105), a Hopper GPU takes the
+    # From 64 rows, with 128 x 256 tiles for 3/4 of the SMs or more (these shapes: 100-108), a Hopper GPU takes the
     # fused wgmma kernel (epilogue in registers), while the composition takes cuBLAS' int32 product and the epilogue
-    # kernel: on CUDA the bits must agree. The shapes leave partial tiles of rows, columns and k (128), and an odd n.
+    # kernel: on CUDA the bits must agree. The shapes leave partial tiles of rows, columns and k (128), and an odd n;
+    # the kernel's 2-CTA clusters pair tiles along B's rows (1 and 3 tiles of rows; 35 tiles of columns leave one
+    # past B) or along A's (2 and 9 tiles: one past A).
     A = _randint8((rows, k), device, seed=40)
     B = _randint8((n, k), device, seed=41)
     g = torch.Generator().manual_seed(42)
@@ -571,10 +573,12 @@ def test_int8_mixed_linear_outlier_decomposition(device, a_shape, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("outliers", [3, 70])
-def test_int8_mixed_linear_many_rows_is_row_chunks(device, dtype, outliers):
-    # 192 rows (100 tiles) take the fused wgmma kernel on Hopper, chunks of 32 rows cuBLAS and the epilogue kernel. With
-    # the same outlier columns in every row (70: more than the 16 the kernel gathers ahead) their bits must agree.
-    rows, n, k = 192, 12800, 256
+@pytest.mark.parametrize("rows, n", [(192, 12800), (300, 8900), (1100, 3072)])
+def test_int8_mixed_linear_many_rows_is_row_chunks(device, dtype, outliers, rows, n):
+    # These rows (100-108 tiles) take the fused wgmma kernel on Hopper, chunks of 32 rows cuBLAS and the epilogue
+    # kernel. With the same outlier columns in every row (70: more than the 16 the kernel gathers ahead) their bits must
+    # agree, whichever way the kernel's clusters pair the tiles (300 rows: along B, one tile past it).
+    k = 256
     A = randn((rows, k), dtype, device, seed=43).clamp(-3, 3)
     g = torch.Generator().manual_seed(44)
     columns = torch.randperm(k, generator=g)[:outliers]
