@@ -60,7 +60,9 @@ __device__ float quantize_row(const T* __restrict__ row, int64_t k, float thresh
   for_each_in_row(row, k, [&](int64_t c, float x) {
     const float magnitude = fabsf(x);
     if (detect && magnitude >= threshold) {
-      outlier_cols[c] = 1;  // every writer writes 1: no ordering needed
+      // Every writer writes 1, so no ordering is needed; most rows flag the same columns, and reading first keeps
+      // them from all writing the same bytes (the writes to one address queue up in L2).
+      if (outlier_cols[c] == 0) outlier_cols[c] = 1;
     } else {
       absmax = nan_max(absmax, magnitude);
     }
