@@ -8,6 +8,8 @@
 
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+
 namespace lowbit {
 
 // Whether this build has sm_90a kernels and the current device runs them.
@@ -54,11 +56,7 @@ inline CUtensorMap tile_map_2d(const void* data, CUtensorMapDataType type, int64
 // as fit on the device at once, but no more than `work` (its dynamic shared memory `smem` the same at every launch).
 template <auto Kernel, typename... Args>
 void launch_persistent_clusters(int cluster, int64_t work, unsigned block, size_t smem, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(cluster);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = smem;
-  config.stream = current_stream();
+  cudaLaunchConfig_t config = launch_config(cluster, block, smem);
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
   attribute.val.clusterDim.x = cluster;
@@ -72,7 +70,7 @@ void launch_persistent_clusters(int cluster, int64_t work, unsigned block, size_
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, Kernel, &config));
     return n > 0 ? n : 1;
   }();
-  config.gridDim = dim3(static_cast<unsigned>(cluster * (work < fit ? (work > 0 ? work : 1) : fit)));
+  config.gridDim = dim3(static_cast<unsigned>(cluster * std::clamp<int64_t>(work, 1, fit)));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, std::forward<Args>(args)...));
 }
 

@@ -141,17 +141,23 @@ inline int device_attribute() {
 
 inline int multiprocessor_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
+// The configuration of a launch on the current stream, without attributes.
+inline cudaLaunchConfig_t launch_config(unsigned grid, unsigned block, size_t smem) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = current_stream();
+  return config;
+}
+
 // Launches `kernel` on the current stream; with `overlap_previous`, by programmatic dependent launch where the device
 // has it (sm_90+): its CTAs may then start while the previous kernel of the stream finishes, so the kernel must call
 // wait_for_previous_grid() (gemm_4bit_device.h) before it touches memory that kernel may write or read.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, bool overlap_previous,
                    Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = smem;
-  config.stream = current_stream();
+  cudaLaunchConfig_t config = launch_config(grid, block, smem);
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
