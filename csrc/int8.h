@@ -132,8 +132,8 @@ __device__ __forceinline__ float outlier_activation(const EpilogueParams& e, int
 
 // The scaled product of A (rows, k) and B (n, k), int8, 16-byte aligned rows, into out (rows, n) of dtype, with e's
 // epilogue (row_stats set), in one Hopper kernel (int8_matmul_wgmma.cu); false where it does not apply (not an sm_90a
-// build or device, k % 16 != 0, fewer rows than TORCHLOWBIT_INT8_WGMMA_MIN_M (default 64), fewer 128 x 256 tiles than
-// 3/4 of the SMs) and the caller takes another path.
+// build or device, k % 16 != 0, fewer rows than TORCHLOWBIT_INT8_WGMMA_MIN_M (default 64), 128 x 256 tiles for fewer
+// than 40% of the SMs) and the caller takes another path.
 bool int8_matmul_wgmma(const at::Tensor& A, const at::Tensor& B, void* out, at::ScalarType dtype,
                        const EpilogueParams& e);
 

@@ -327,9 +327,10 @@ int min_rows() {
   return value;
 }
 
-// One tile a CTA at a time: a grid of fewer tiles than 3/4 of the SMs loses to cuBLAS (H200, 4096x14336 at m = 64 and
-// 128, 56 tiles: 0.0436 and 0.0464 ms against 0.0373 and 0.0418; at m = 256, 112 tiles: 0.0465 against 0.0681).
-bool fills_gpu(int64_t tiles) { return 4 * tiles >= 3 * multiprocessor_count(); }
+// One tile a CTA at a time: with tiles for fewer than 40% of the SMs cuBLAS and the epilogue kernel are faster at
+// threshold 0 (H200, int8_mixed_linear, ms, kernel / cuBLAS: 4096x4096 m = 256, 32 tiles, 0.0317 / 0.0271; m = 512,
+// 64 tiles, 0.0327 / 0.0402; 4096x14336 m = 64 and 128, 56 tiles, 0.0332 / 0.0369 and 0.0348 / 0.0418).
+bool fills_gpu(int64_t tiles) { return 5 * tiles >= 2 * multiprocessor_count(); }
 
 template <typename OutT>
 void launch(const CUtensorMap& a, const CUtensorMap& b, OutT* out, const EpilogueParams& e, int m_groups, int groups,

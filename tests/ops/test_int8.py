@@ -458,7 +458,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, exact: bool):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, n, k", [(64, 25600, 128), (200, 13000, 144), (300, 8717, 272), (1100, 3000, 160)])
 def test_int8_scaled_mm_many_rows_is_the_composition(device, rows, n, k, dtype):
-    # From 64 rows, with 128 x 256 tiles for 3/4 of the SMs or more (these shapes: 100-108), a Hopper GPU takes the
+    # From 64 rows, with 128 x 256 tiles for 40% of the SMs or more (these shapes: 100-108), a Hopper GPU takes the
     # fused wgmma kernel (epilogue in registers), while the composition takes cuBLAS' int32 product and the epilogue
     # kernel: on CUDA the bits must agree. The shapes leave partial tiles of rows, columns and k (128), and an odd n;
     # the kernel's 2-CTA clusters pair tiles along B's rows (1 and 3 tiles of rows; 35 tiles of columns leave one
@@ -473,6 +473,23 @@ def test_int8_scaled_mm_many_rows_is_the_composition(device, rows, n, k, dtype):
     composed = ops.int8_mm_dequant(ops.int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias)
     assert out.shape == (rows, n) and out.dtype == dtype
     _assert_same(out, composed, exact=device == "cuda")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="the kernel is for Hopper"
+)
+@pytest.mark.parametrize("share, fused", [(0.45, True), (0.25, False)])
+def test_int8_wgmma_kernel_runs_where_its_tiles_cover_enough_sms(share, fused):
+    # From 64 rows, 128 x 256 tiles for at least 40% of the SMs take the fused kernel; fewer take cuBLAS and the
+    # epilogue kernel (measured faster there).
+    n = 256 * max(1, round(share * torch.cuda.get_device_properties(0).multi_processor_count))
+    A, B = _randint8((128, 256), "cuda", seed=50), _randint8((n, 256), "cuda", seed=51)
+    stats = torch.ones(128, device="cuda"), torch.ones(n, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.int8_scaled_mm(A, B, *stats, None, torch.float16)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any("int8_wgmma_kernel" in name for name in names) == fused, sorted(names)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels read the override")
