@@ -1,7 +1,8 @@
 // Hopper (sm_90a) building blocks shared by the wgmma kernels (gemm_4bit_wgmma.cu, int8_matmul_wgmma.cu): shared-memory
-// operand descriptors, the wgmma fences, mbarriers, bulk tensor copies and register reallocation. The device helpers
-// exist only in sm_90a passes (setup.py and the JIT build turn 9.0 into 9.0a and define LOWBIT_SM90A); the host checks
-// the device with sm90a_device() before it launches such a kernel.
+// operand descriptors, the wgmma fences, mbarriers, bulk tensor copies (multicast among a cluster's CTAs), cluster
+// launches and barriers, and register reallocation. The device helpers exist only in sm_90a passes (setup.py and the
+// JIT build turn 9.0 into 9.0a and define LOWBIT_SM90A); the host checks the device with sm90a_device() before it
+// launches such a kernel.
 #pragma once
 
 #include "lowbit_common.h"

@@ -4,7 +4,7 @@
 //
 // Up to kGemvMaxRows rows: one fused kernel streams the weight once (dp4a, int32 accumulation) and applies
 // the epilogue in registers. More rows (where dp4a would bound the time, not memory): on Hopper from
-// TORCHLOWBIT_INT8_WGMMA_MIN_M rows (default 64), where its tiles fill the GPU, the wgmma kernel of
+// TORCHLOWBIT_INT8_WGMMA_MIN_M rows (default 64), where its tiles cover 40% of the SMs, the wgmma kernel of
 // int8_matmul_wgmma.cu, epilogue in registers; otherwise cuBLAS' int8 tensor-core GEMM (at::_int_mm, which
 // needs more than 16 rows: fewer are padded) into int32, then one epilogue pass. LLM.int8's outlier columns
 // are added in float32 by every epilogue, their weight columns staged in shared memory per tile.

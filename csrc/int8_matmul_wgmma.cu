@@ -321,7 +321,7 @@ CUtensorMap int8_tile_map(const at::Tensor& t, int box_rows) {
                      CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-// Rows of A from which the kernel runs where its tiles fill the GPU (fewer rows: cuBLAS and the epilogue kernel).
+// Rows of A from which the kernel runs where its tiles cover enough SMs (fewer rows: cuBLAS and the epilogue kernel).
 int min_rows() {
   static const int value = env_override("TORCHLOWBIT_INT8_WGMMA_MIN_M", 0, INT_MAX, kMinRowsDefault);
   return value;
