@@ -145,6 +145,28 @@ def test_forced_cta_shapes(warps, wr):
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
 
 
+def test_reordered_activations():
+    # Large weights have the fused kernel read its activations reordered by a first kernel; forced for every weight
+    # (threshold 0 MiB), the value tests run in a child.
+    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "0"}
+    select = "matches_float64 or more_row_tiles or blocksizes or nested_blocksizes or bias_dtypes or noncontiguous or "
+    select += "large_and_split or path_switch or graph_capture"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
+    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape, reordered", [((4096, 4096), False), ((8192, 8192), True)])
+def test_activations_reordered_for_large_weights(shape, reordered):
+    # The default threshold is 32 MiB of packed weight: 4096x4096 (8 MiB) reads A as it is, 8192x8192 reordered.
+    packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=5)
+    A = _activations((1, shape[1]), torch.bfloat16, seed=5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _check(A, packed, absmax, 64, "nf4", shape, **extra)
+    names = [e.name for e in prof.events()]
+    assert any("fragment_order_kernel" in n for n in names) == reordered, sorted(set(names))
+
+
 _BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error's pattern)
     ({"TORCHLOWBIT_GEMM4BIT_WARPS": "8", "TORCHLOWBIT_GEMM4BIT_WR": "3"}, 1, r"GEMM4BIT_WR \(3\) must divide"),
     ({"TORCHLOWBIT_GEMM4BIT_WARPS": "9"}, 1, r"GEMM4BIT_WARPS must be an integer in \[4, 8\]"),
@@ -152,6 +174,7 @@ _BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error
     ({"TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "1e3"}, 1, r"GEMM4BIT_FUSED_MAX_M must be an integer"),
     ({"TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "3", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}, 64, r"must be 2 or 4"),
     ({"TORCHLOWBIT_GEMM4BIT_WS_MAX_M": "x"}, 200, r"GEMM4BIT_WS_MAX_M must be an integer"),
+    ({"TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "-1"}, 1, r"GEMM4BIT_REORDER_MIN_MB must be an integer in \[0, "),
 ]
 
 
