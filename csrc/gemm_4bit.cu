@@ -23,7 +23,7 @@
 //     at byte ((g % S) * 4 + t) * VEC of a 4 * S * VEC-byte "round"; a quad's 4 * VEC bytes lie inside one
 //     quantization block (VEC = min(8, gcd(K, blocksize) / 8)); the MMAs of a round accumulate code * a into
 //     a temporary that is scaled by the block's float32 absmax once per round.
-//   - For large weights (TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB, default 32) a small kernel first copies the activations
+//   - For large weights (TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB, default 64) a small kernel first copies the activations
 //     into the order the lanes read them (fragment_order_kernel), so that each load of a warp is 4 whole lines.
 //   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
@@ -538,11 +538,12 @@ __global__ void fragment_order_kernel(const uint4* A, uint4* out, int m, int K, 
 }
 
 // Packed weights of at least this many MiB (TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB) have the fused kernel read its
-// activations in fragment order. The reordering kernel costs ~1 us; the kernel gains 7-13% on 8192x28672 and loses
-// below ~32 MiB (H200, ms, as they are / reordered: m = 1 8192x28672 0.0502 / 0.0457, 8192x8192 0.0170 / 0.0166,
-// 4096x14336 0.0166 / 0.0170, 4096x4096 0.0061 / 0.0071; m = 32 8192x28672 0.1076 / 0.0963).
+// activations in fragment order. The reordering kernel costs ~1 us against a kernel 7-13% faster on the H200 (ms, as
+// they are / reordered: 8192x28672 m = 1 0.0502 / 0.0457, m = 32 0.1076 / 0.0963; 8192x8192 m = 1 0.0170 / 0.0166;
+// 4096x14336 m = 1 0.0166 / 0.0170; 4096x4096 0.0061 / 0.0071). The H100, closer to its memory's limit, gains less:
+// 8192x28672 m = 1 / 8 / 32 1-3% / 5% / 10%, 8192x8192 m = 1 5-9% slower. Hence 64 MiB.
 int reorder_min_mb() {
-  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB", 0, INT_MAX, 32);
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB", 0, INT_MAX, 64);
   return value;
 }
 

@@ -156,14 +156,20 @@ def test_reordered_activations():
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
 
 
-@pytest.mark.parametrize("shape, reordered", [((4096, 4096), False), ((8192, 8192), True)])
+@pytest.mark.parametrize("shape, reordered", [((8192, 8192), False), ((8192, 16384), True)])
 def test_activations_reordered_for_large_weights(shape, reordered):
-    # The default threshold is 32 MiB of packed weight: 4096x4096 (8 MiB) reads A as it is, 8192x8192 reordered.
-    packed, absmax, extra = _weight(shape, 64, torch.uint8, True, seed=5)
-    A = _activations((1, shape[1]), torch.bfloat16, seed=5)
+    # The default threshold is 64 MiB of packed weight: 8192x8192 (32 MiB) reads A as it is, 8192x16384 reordered.
+    # (The values of the reordered path are checked against float64 by test_reordered_activations.)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    packed = torch.randint(0, 256, (shape[0] * shape[1] // 2, 1), dtype=torch.uint8, device="cuda", generator=g)
+    absmax = torch.rand(shape[0] * shape[1] // 64, device="cuda", generator=g) + 0.5
+    A = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16, generator=g)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _check(A, packed, absmax, 64, "nf4", shape, **extra)
+        out = torch.ops.lowbit.gemm_4bit(A, packed, absmax, 64, "nf4", shape)
+        torch.cuda.synchronize()
+    assert out.shape == (1, shape[0]) and torch.isfinite(out).all()
     names = [e.name for e in prof.events()]
+    assert any("gemv_4bit_kernel" in n for n in names), sorted(set(names))
     assert any("fragment_order_kernel" in n for n in names) == reordered, sorted(set(names))
 
 
