@@ -134,26 +134,29 @@ def test_more_row_tiles_than_ctas(m):
     _check(_activations((m, shape[1]), torch.bfloat16, seed=m), packed, absmax, 64, "nf4", shape, **extra)
 
 
+def _value_tests_in_child(overrides: dict, select: str):
+    """Run this file's tests matching `select` in a child with the tuning overrides set (they are read once per
+    process); all must pass."""
+    env = {**os.environ, **overrides}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
+    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+
+
 @pytest.mark.parametrize("warps, wr", [(5, 5), (6, 3), (7, 1)])
 def test_forced_cta_shapes(warps, wr):
     # The kernel's CTA shape (4-8 warps, some along rows and the rest splitting K) is chosen per shape; the
     # tuning overrides force one, read once per process: the value tests in a child with each forced.
-    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_WARPS": str(warps), "TORCHLOWBIT_GEMM4BIT_WR": str(wr)}
-    select = "more_row_tiles or (matches_float64 and bfloat16 and nf4)"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
-    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    overrides = {"TORCHLOWBIT_GEMM4BIT_WARPS": str(warps), "TORCHLOWBIT_GEMM4BIT_WR": str(wr)}
+    _value_tests_in_child(overrides, "more_row_tiles or (matches_float64 and bfloat16 and nf4)")
 
 
 def test_reordered_activations():
     # Large weights have the fused kernel read its activations reordered by a first kernel; forced for every weight
     # (threshold 0 MiB), the value tests run in a child.
-    env = {**os.environ, "TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "0"}
     select = "matches_float64 or more_row_tiles or blocksizes or nested_blocksizes or bias_dtypes or noncontiguous or "
     select += "large_and_split or path_switch or graph_capture"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
-    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    _value_tests_in_child({"TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "0"}, select)
 
 
 @pytest.mark.parametrize("shape, reordered", [((8192, 8192), False), ((8192, 16384), True)])
@@ -223,16 +226,13 @@ _FORCED_KERNELS = {
 def test_forced_wgmma_kernels(kernel):
     # The Hopper kernels run by default only where they are the fastest path; forced for every shape they take
     # (K % 64 == 0, blocksize >= 64) and every m (the fused kernel of few rows off), the value tests run in a child.
-    env = {
-        **os.environ,
+    overrides = {
         "TORCHLOWBIT_GEMM4BIT_FUSED_MAX_M": "0",
         "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1",
         **_FORCED_KERNELS[kernel],
     }
     select = "matches_float64 or bias_dtypes or blocksizes or nested_blocksizes or path_switch or graph_capture"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
-    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    _value_tests_in_child(overrides, select)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _wgmma_device(), reason="the wgmma kernel is for Hopper")
