@@ -10,9 +10,12 @@
 //     A warp takes MT m-tiles of 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so
 //     the warp's loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past
 //     m repeat row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
-//   - m > 8 (2 or 4 n-tiles): MT = 2, so each activation register a warp loads serves two m-tiles. The
+//   - m > 8 (2 or 4 n-tiles) and m <= 2: MT = 2, so each activation register a warp loads serves two m-tiles. The
 //     activations, read by every warp from L1, were the largest share of the L1 traffic that limits the kernel
-//     (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%); 183-254 registers, one CTA an SM.
+//     (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%). m > 8: 183-254 registers, one CTA an SM; m <= 2: 128
+//     registers and two CTAs an SM, the activations loaded a round ahead instead of an iteration (H200, m = 1 / 2,
+//     ms, MT = 1 / 2: 8192x28672 0.0458 / 0.0442, 0.0490 / 0.0436; 8192x8192 0.0172 / 0.0155; 4096x14336 0.0168 /
+//     0.0159; 4096x4096 0.0062 / 0.0063). At m = 3-8 MT = 2 measured slower (8192x28672 m = 8 0.0655 / 0.0775).
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
@@ -28,9 +31,11 @@
 //   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
 //     decodes MT of the iteration's 4 MT (two rounds x 2 MT rows) and shuffles share them.
-//   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m <= 8 the
-//     activations; larger m loads them a round at a time), two stages that alternate; full iterations run
-//     without predicates, and the rest of K (a multiple of 4 VEC bytes) one predicated iteration at the end.
+//   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m = 3-8 the
+//     activations; m <= 2 loads those a round ahead, larger m a round at a time), two stages that alternate; full
+//     iterations run without predicates, and the rest of K (a multiple of 4 VEC bytes) one predicated iteration at
+//     the end. A deeper ring (3, 4, 6 stages of weights and absmax, activations a round ahead) measured slower:
+//     H200, 8192x28672 m = 1 0.0506 / 0.0502 / 0.0592 ms against 0.0458 with two.
 //   - A CTA is 4-8 warps: WR warps along rows times WK warps along k (split-K, summed through shared memory per
 //     tile). CTAs are persistent (as many as fit) and loop over tiles of MT * 16 / S * WR rows; the CTA shape is
 //     the one with the fewest rows an SM (choose_shape: split-K costs more than a few idle CTAs).
@@ -132,22 +137,23 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[VEC /
   }
 }
 
-// Launches with MT = 1 (m <= 8) overlap the previous kernel of the stream (programmatic dependent launch): a CTA at its
-// last tile lets the next kernel's CTAs start, which wait for it before their first access to memory (H200, ms, m = 1
-// and 8: 4096x4096 0.0074 -> 0.0065 and 0.0091 -> 0.0085, 4096x14336 0.0175 -> 0.0169 and 0.0222 -> 0.0216, 8192x28672
-// 0.0512 -> 0.0506 and 0.0712 -> 0.0706). With MT = 2 (one CTA an SM) it measured 2% slower (8192x28672 m = 32).
-template <int MT>
-constexpr bool kOverlapsPrevious = MT == 1;
+// Launches of one n-tile (m <= 8, two CTAs an SM) overlap the previous kernel of the stream (programmatic dependent
+// launch): a CTA at its last tile lets the next kernel's CTAs start, which wait for it before their first access to
+// memory (H200, ms, m = 1 and 8: 4096x4096 0.0074 -> 0.0065 and 0.0091 -> 0.0085, 4096x14336 0.0175 -> 0.0169 and
+// 0.0222 -> 0.0216, 8192x28672 0.0512 -> 0.0506 and 0.0712 -> 0.0706). With more n-tiles (one CTA an SM) it measured
+// 2% slower (8192x28672 m = 32).
+template <int NT>
+constexpr bool kOverlapsPrevious = NT == 1;
 
 // NT: n-tiles of 8 rows of A; MT: m-tiles (16 / S weight rows each) a warp, sharing the activations it loads; VEC:
 // bytes a lane reads from each of its rows per round; S: k-segments a row is split into (the MMA rows and columns
 // that meet on the diagonal of segment s make the useful products).
 template <typename T, int NT, int MT, int VEC, int S, bool FRAG>
-__global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kernel(const GemvParams p) {
+__global__ void __launch_bounds__(kGemvThreads, NT == 1 ? 2 : 1) gemv_4bit_kernel(const GemvParams p) {
   static_assert(!FRAG || VEC == 8, "activations in fragment order: 16 bytes a lane and load");
-  static_assert(S == 1 || (NT == 1 && MT == 1), "k-segments use the idle columns of one n-tile (and one m-tile)");
+  static_assert(S == 1 || NT == 1, "k-segments use the idle columns of one n-tile");
   constexpr int W = VEC / 4;
-  constexpr int kRounds = 2;  // rounds an iteration (its operands are loaded as a whole, an iteration ahead)
+  constexpr int kRounds = 2;  // rounds an iteration (its weights and absmax are loaded as a whole, an iteration ahead)
   constexpr int kRows = 2 * MT;  // weight rows of a lane: MMA rows g and g + 8 of each m-tile
   constexpr int kQuadElems = 8 * VEC;  // a quad's elements of a row in one round: inside one block
   constexpr int kRoundElems = S * kQuadElems;
@@ -157,7 +163,9 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   constexpr int kWarpRows = MT * kTileRows;
   constexpr int kRowsA = NT * 8 / S;        // rows of A of a launch: MMA column n is row n / S, segment n % S
   constexpr int kLaneAbsmax = kRounds * kRows / 4;  // absmax values a lane of a quad decodes an iteration
-  constexpr bool kPrefetchX = NT == 1;  // activations an iteration ahead too (more n-tiles: no registers left)
+  // Rounds of activations loaded ahead: a whole iteration with the weights (one m-tile of one n-tile), one round (two
+  // m-tiles: registers for one), none (more n-tiles: a round at a time).
+  constexpr int kXAhead = NT > 1 ? 0 : MT == 1 ? kRounds : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   float* s_red = reinterpret_cast<float*>(smem + kTableBytes);  // fragments: [warp][MT * NT * 4][lane]
 
@@ -174,7 +182,7 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
       reinterpret_cast<uint4*>(smem + 256 * b + 128)[(q + b) & 7] = make_uint4(c, c, c, c);
     }
   };
-  if constexpr (kOverlapsPrevious<MT>) wait_for_previous_grid();
+  if constexpr (kOverlapsPrevious<NT>) wait_for_previous_grid();
   table_entry(threadIdx.x);
   if (threadIdx.x < 256 - blockDim.x) table_entry(threadIdx.x + blockDim.x);  // CTAs of fewer than 8 warps
   __syncthreads();
@@ -199,7 +207,7 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
   }
 
   for (int tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
-    if (kOverlapsPrevious<MT> && tile + gridDim.x >= p.n_tiles) allow_next_grid();  // this CTA's last tile
+    if (kOverlapsPrevious<NT> && tile + gridDim.x >= p.n_tiles) allow_next_grid();  // this CTA's last tile
     const int64_t row_base = int64_t(tile) * kWarpRows * wr + wr_idx * kWarpRows;
     // This thread's row i (MMA row g + 8 (i & 1) of m-tile i / 2), clamped to the weight.
     auto lane_row = [&](int i) {
@@ -226,11 +234,11 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
       s_row[c] = p.nested ? p.nested_absmax + row_nblk : p.absmax + row_blk;
     }
 
-    // An iteration's operands: weight words of the lane's rows, activations (when loaded ahead), raw absmax (uint8
+    // An iteration's operands: weight words of the lane's rows, activations (kXAhead == kRounds), raw absmax (uint8
     // code and nested scale, or the float32 absmax).
     struct Stage {
       uint32_t w[kRows][kRounds][W];
-      uint32_t x[kPrefetchX ? kRounds : 1][NT][VEC];
+      uint32_t x[kXAhead == kRounds ? kRounds : 1][NT][VEC];
       uint32_t q[kLaneAbsmax];
       float s[kLaneAbsmax];
     };
@@ -263,15 +271,20 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
         load_round(k, u, st);
-        if constexpr (kPrefetchX) load_x(k, u, st.x[u]);
+        if constexpr (kXAhead == kRounds) load_x(k, u, st.x[u]);
       }
 #pragma unroll
       for (int c = 0; c < kLaneAbsmax; ++c) load_absmax(k, c, st);
     };
 
     // As the reference decodes it: code * nested_absmax + offset, each operation rounded (no FMA).
-    auto decode_absmax = [&](uint32_t q, float s) {
-      return p.nested ? __fadd_rn(__fmul_rn(*reinterpret_cast<const float*>(smem + (q << 8) + 128 + lane4), s), offset) : s;
+    auto decode_absmax = [&](const Stage& st, float (&am)[kLaneAbsmax]) {
+#pragma unroll
+      for (int c = 0; c < kLaneAbsmax; ++c) {
+        am[c] = p.nested ? __fadd_rn(__fmul_rn(*reinterpret_cast<const float*>(smem + (st.q[c] << 8) + 128 + lane4),
+                                               st.s[c]), offset)
+                         : st.s[c];
+      }
     };
 
     float acc[MT][NT][4];
@@ -320,67 +333,87 @@ __global__ void __launch_bounds__(kGemvThreads, MT == 1 ? 2 : 1) gemv_4bit_kerne
       }
     };
 
-    // The first `rounds` rounds of the iteration at element k; activations not loaded ahead are loaded a round at
-    // a time (so that one round's live in registers).
-    auto multiply = [&](const Stage& st, int k, int rounds) {
-      float am[kLaneAbsmax];
-#pragma unroll
-      for (int c = 0; c < kLaneAbsmax; ++c) am[c] = decode_absmax(st.q[c], st.s[c]);
-#pragma unroll
-      for (int u = 0; u < kRounds; ++u) {
-        if (u >= rounds) continue;
-        if constexpr (kPrefetchX) {
-          round(st, u, st.x[u], am);
-        } else {
-          uint32_t x[NT][VEC];
-          load_x(k, u, x);
-          round(st, u, x, am);
-        }
-      }
-    };
-
     // Full iterations (a warp's are wk apart, k their first element in the row), the next one's operands loaded
-    // while this one multiplies; two a trip, so that the stages alternate without copies.
+    // while this one multiplies, in two stages that alternate (two a trip, without copies). With activations a round
+    // ahead xr[0] holds the iteration's first round on entry and the next iteration's on exit. The two spellings of the
+    // trip below are the same steps; ptxas schedules them differently, and each is the one that measured faster for
+    // its launches (H200, ms, the loop / the steps written out: m = 1 8192x28672 0.0444 / 0.0476, 4096x4096 0.0063 /
+    // 0.0067; m = 32 4096x14336 0.0344 / 0.0328, 14336x4096 0.0311 / 0.0295).
     const int step = wk * kIterElems, k_full = n_full * kIterElems;
     int k = wk_idx * kIterElems;
-    Stage sa, sb;
-    if (k < k_full) load_stage(k, sa);
-    auto advance = [&](Stage& cur, Stage& next) {
+    Stage ring[2];
+    uint32_t xr[2][NT][VEC];
+    if (k < k_full) {
+      load_stage(k, ring[0]);
+      if constexpr (kXAhead == 1) load_x(k, 0, xr[0]);
+    }
+    auto advance = [&](const Stage& cur, Stage& next) {
       if (k + step < k_full) load_stage(k + step, next);
-      multiply(cur, k, kRounds);
+      float am[kLaneAbsmax];
+      decode_absmax(cur, am);
+      if constexpr (kXAhead == kRounds) {
+#pragma unroll
+        for (int u = 0; u < kRounds; ++u) round(cur, u, cur.x[u], am);
+      } else if constexpr (kXAhead == 1) {
+        static_assert(kRounds == 2, "a round ahead: the iteration's second round, then the next one's first");
+        load_x(k, 1, xr[1]);
+        round(cur, 0, xr[0], am);
+        if (k + step < k_full) load_x(k + step, 0, xr[0]);
+        round(cur, 1, xr[1], am);
+      } else {
+#pragma unroll
+        for (int u = 0; u < kRounds; ++u) {
+          load_x(k, u, xr[0]);
+          round(cur, u, xr[0], am);
+        }
+      }
       k += step;
     };
-    while (k < k_full) {
-      advance(sa, sb);
-      if (k >= k_full) break;
-      advance(sb, sa);
+    if constexpr (NT == 1) {
+      while (k < k_full) {
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          if (k >= k_full) break;
+          advance(ring[s], ring[s ^ 1]);
+        }
+      }
+    } else {
+      while (k < k_full) {
+        advance(ring[0], ring[1]);
+        if (k >= k_full) break;
+        advance(ring[1], ring[0]);
+      }
     }
     // The rest of K (rem elements, less than an iteration): the warp whose next iteration it would be. A quad
-    // past K multiplies zero activations (its bytes and absmax stay zero); with S = 1 whole rounds lie inside K.
+    // past K multiplies zeros (its bytes, absmax and activations; garbage activations could be NaN).
     if (k == k_full && rem > 0) {
+      Stage& st = ring[0];
+      float am[kLaneAbsmax];
+#pragma unroll
+      for (int c = 0; c < kLaneAbsmax; ++c) {
+        st.q[c] = 0, st.s[c] = 0.0f;
+        if (mine_k[c] < rem) load_absmax(k, c, st);
+      }
+      decode_absmax(st, am);
 #pragma unroll
       for (int u = 0; u < kRounds; ++u) {
+        if (u * kRoundElems >= rem) continue;
+        const bool inside = u * kRoundElems + seg * kQuadElems < rem;
 #pragma unroll
         for (int i = 0; i < kRows; ++i)
 #pragma unroll
-          for (int q = 0; q < W; ++q) sa.w[i][u][q] = 0;
-        if constexpr (kPrefetchX) {
+          for (int q = 0; q < W; ++q) st.w[i][u][q] = 0;
+        if (inside) {
+          load_round(k, u, st);
+          load_x(k, u, xr[0]);
+        } else {  // S > 1 only: with one segment whole rounds lie inside K
 #pragma unroll
           for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int q = 0; q < VEC; ++q) sa.x[u][j][q] = 0;
+            for (int q = 0; q < VEC; ++q) xr[0][j][q] = 0;
         }
-        if (u * kRoundElems + seg * kQuadElems < rem) {
-          load_round(k, u, sa);
-          if constexpr (kPrefetchX) load_x(k, u, sa.x[u]);
-        }
+        round(st, u, xr[0], am);
       }
-#pragma unroll
-      for (int c = 0; c < kLaneAbsmax; ++c) {
-        sa.q[c] = 0, sa.s[c] = 0.0f;
-        if (mine_k[c] < rem) load_absmax(k, c, sa);
-      }
-      multiply(sa, k, (rem + kRoundElems - 1) / kRoundElems);
     }
 
     // Split-K: the wk warps of a row group sum their fragments through shared memory.
@@ -516,7 +549,7 @@ void launch_gemv(GemvParams p) {
   p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), warp_rows * p.wr));
   const int64_t slots = int64_t(per_sm[p.warps]) * multiprocessor_count();
   const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
-  launch_kernel(kernel, grid, 32 * p.warps, smem, kOverlapsPrevious<MT>, p);
+  launch_kernel(kernel, grid, 32 * p.warps, smem, kOverlapsPrevious<NT>, p);
 }
 
 // The activations of a launch in the order the fused kernel's lanes read them (its FRAG instantiations): 16-byte
@@ -585,9 +618,9 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
       } else if (p.m == 1) {
-        launch_gemv_vec<scalar_t, 1, 1, 8>(p, vec, reorder, A2.options());
+        launch_gemv_vec<scalar_t, 1, 2, 8>(p, vec, reorder, A2.options());
       } else if (p.m == 2) {
-        launch_gemv_vec<scalar_t, 1, 1, 4>(p, vec, reorder, A2.options());
+        launch_gemv_vec<scalar_t, 1, 2, 4>(p, vec, reorder, A2.options());
       } else if (p.m <= 4) {
         launch_gemv_vec<scalar_t, 1, 1, 2>(p, vec, reorder, A2.options());
       } else if (p.m <= 8) {
