@@ -10,12 +10,16 @@
 //     A warp takes MT m-tiles of 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so
 //     the warp's loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past
 //     m repeat row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
-//   - m > 8 (2 or 4 n-tiles) and m <= 2: MT = 2, so each activation register a warp loads serves two m-tiles. The
-//     activations, read by every warp from L1, were the largest share of the L1 traffic that limits the kernel
-//     (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%). m > 8: 183-254 registers, one CTA an SM; m <= 2: 128
-//     registers and two CTAs an SM, the activations loaded a round ahead instead of an iteration (H200, m = 1 / 2,
-//     ms, MT = 1 / 2: 8192x28672 0.0458 / 0.0442, 0.0490 / 0.0436; 8192x8192 0.0172 / 0.0155; 4096x14336 0.0168 /
-//     0.0159; 4096x4096 0.0062 / 0.0063). At m = 3-8 MT = 2 measured slower (8192x28672 m = 8 0.0655 / 0.0775).
+//   - m > 8 (2 or 4 n-tiles), and m <= 2 on large weights (those whose activations are reordered, below): MT = 2,
+//     so each activation register a warp loads serves two m-tiles. The activations, read by every warp from L1, were
+//     the largest share of the L1 traffic that limits the kernel (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%).
+//     m > 8: 183-254 registers, one CTA an SM; m <= 2: 128 registers and two CTAs an SM, the activations loaded a
+//     round ahead instead of an iteration. Measured, ms, MT = 1 / 2, m = 1 (m = 2): H200 8192x28672 0.0458 / 0.0442
+//     (0.0490 / 0.0436), 8192x8192 0.0172 / 0.0155, 4096x14336 0.0168 / 0.0159, 4096x4096 0.0062 / 0.0063; H100
+//     8192x28672 0.0496 / 0.0485 (0.0521 / 0.0474), 8192x8192 0.0177 / 0.0183, 4096x14336 0.0173 / 0.0176 (0.0167 /
+//     0.0180), 4096x4096 0.0064 / 0.0070. Half the warps of MT = 1 pay where the weight is short of rows (one or two
+//     waves) and the memory is the nearer limit (H100), hence large weights only. At m = 3-8 MT = 2 measured slower
+//     (H200, 8192x28672 m = 8 0.0655 / 0.0775).
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
@@ -337,8 +341,8 @@ __global__ void __launch_bounds__(kGemvThreads, NT == 1 ? 2 : 1) gemv_4bit_kerne
     // while this one multiplies, in two stages that alternate (two a trip, without copies). With activations a round
     // ahead xr[0] holds the iteration's first round on entry and the next iteration's on exit. The two spellings of the
     // trip below are the same steps; ptxas schedules them differently, and each is the one that measured faster for
-    // its launches (H200, ms, the loop / the steps written out: m = 1 8192x28672 0.0444 / 0.0476, 4096x4096 0.0063 /
-    // 0.0067; m = 32 4096x14336 0.0344 / 0.0328, 14336x4096 0.0311 / 0.0295).
+    // its launches (H200, ms, the loop / the steps written out: MT = 2, m = 1, 8192x28672 0.0444 / 0.0476; m = 32
+    // 4096x14336 0.0344 / 0.0328, 14336x4096 0.0311 / 0.0295).
     const int step = wk * kIterElems, k_full = n_full * kIterElems;
     int k = wk_idx * kIterElems;
     Stage ring[2];
@@ -369,7 +373,7 @@ __global__ void __launch_bounds__(kGemvThreads, NT == 1 ? 2 : 1) gemv_4bit_kerne
       }
       k += step;
     };
-    if constexpr (NT == 1) {
+    if constexpr (kXAhead == 1) {
       while (k < k_full) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
@@ -580,17 +584,19 @@ int reorder_min_mb() {
   return value;
 }
 
+// Large weights (reorder) also take two m-tiles a warp at m <= 2 (S >= 4): see the kernel's comment.
 template <typename T, int NT, int MT, int S>
 void launch_gemv_vec(GemvParams p, int vec, bool reorder, const at::TensorOptions& options) {
   if (vec != 8) return launch_gemv<T, NT, MT, 4, S, false>(p);
   if (!reorder) return launch_gemv<T, NT, MT, 8, S, false>(p);
+  constexpr int kLargeMT = NT == 1 && S >= 4 ? 2 : MT;
   constexpr int64_t kRound = 64 * S;
   const int64_t chunks = int64_t(NT * 8 / S) * ceil_div(int64_t(p.K), kRound) * kRound / 8;
   const at::Tensor ordered = at::empty({chunks * 8}, options);
   launch_kernel(fragment_order_kernel, static_cast<unsigned>(ceil_div(chunks, int64_t(256))), 256, 0, true,
                 static_cast<const uint4*>(p.A), static_cast<uint4*>(ordered.data_ptr()), p.m, p.K, S, NT, chunks);
   p.A = ordered.data_ptr();
-  launch_gemv<T, NT, MT, 8, S, true>(p);
+  launch_gemv<T, NT, kLargeMT, 8, S, true>(p);
 }
 
 // The fused path for all rows of A2 (M, K) into out2 (M, N); false where it does not apply.
@@ -618,9 +624,9 @@ bool gemv_fused(const at::Tensor& A2, const at::Tensor& packed, const at::Tensor
       if constexpr (std::is_same_v<scalar_t, float>) {
         TORCH_INTERNAL_ASSERT(false, "gemv_fused: float32 A");
       } else if (p.m == 1) {
-        launch_gemv_vec<scalar_t, 1, 2, 8>(p, vec, reorder, A2.options());
+        launch_gemv_vec<scalar_t, 1, 1, 8>(p, vec, reorder, A2.options());
       } else if (p.m == 2) {
-        launch_gemv_vec<scalar_t, 1, 2, 4>(p, vec, reorder, A2.options());
+        launch_gemv_vec<scalar_t, 1, 1, 4>(p, vec, reorder, A2.options());
       } else if (p.m <= 4) {
         launch_gemv_vec<scalar_t, 1, 1, 2>(p, vec, reorder, A2.options());
       } else if (p.m <= 8) {
