@@ -35,11 +35,12 @@
 //   - The absmax is decoded in the loop, as the reference does it: nested_code[q] * nested_absmax[b /
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
 //     decodes MT of the iteration's 4 MT (two rounds x 2 MT rows) and shuffles share them.
-//   - Iterations of two rounds are double-buffered in registers (weights, absmax, and for m = 3-8 the
-//     activations; m <= 2 loads those a round ahead, larger m a round at a time), two stages that alternate; full
-//     iterations run without predicates, and the rest of K (a multiple of 4 VEC bytes) one predicated iteration at
-//     the end. A deeper ring (3, 4, 6 stages of weights and absmax, activations a round ahead) measured slower:
-//     H200, 8192x28672 m = 1 0.0506 / 0.0502 / 0.0592 ms against 0.0458 with two.
+//   - Iterations of two rounds are double-buffered in registers (weights, absmax, and with one m-tile of one n-tile
+//     the activations; two m-tiles (m <= 2 on large weights) load those a round ahead, more n-tiles a round at a
+//     time), two stages that alternate; full iterations run without predicates, and the rest of K (a multiple of
+//     4 VEC bytes) one predicated iteration at the end. A deeper ring (3, 4, 6 stages of weights and absmax,
+//     activations a round ahead) measured slower: H200, 8192x28672 m = 1 0.0506 / 0.0502 / 0.0592 ms against 0.0458
+//     with two.
 //   - A CTA is 4-8 warps: WR warps along rows times WK warps along k (split-K, summed through shared memory per
 //     tile). CTAs are persistent (as many as fit) and loop over tiles of MT * 16 / S * WR rows; the CTA shape is
 //     the one with the fewest rows an SM (choose_shape: split-K costs more than a few idle CTAs).
