@@ -10,16 +10,16 @@
 //     A warp takes MT m-tiles of 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so
 //     the warp's loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past
 //     m repeat row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
-//   - m > 8 (2 or 4 n-tiles), and m <= 2 on large weights (those whose activations are reordered, below): MT = 2,
-//     so each activation register a warp loads serves two m-tiles. The activations, read by every warp from L1, were
-//     the largest share of the L1 traffic that limits the kernel (ncu, 8192x28672, m = 32: L1 85% busy, issue 19%).
-//     m > 8: 183-254 registers, one CTA an SM; m <= 2: 128 registers and two CTAs an SM, the activations loaded a
-//     round ahead instead of an iteration. Measured, ms, MT = 1 / 2, m = 1 (m = 2): H200 8192x28672 0.0458 / 0.0442
-//     (0.0490 / 0.0436), 8192x8192 0.0172 / 0.0155, 4096x14336 0.0168 / 0.0159, 4096x4096 0.0062 / 0.0063; H100
-//     8192x28672 0.0496 / 0.0485 (0.0521 / 0.0474), 8192x8192 0.0177 / 0.0183, 4096x14336 0.0173 / 0.0176 (0.0167 /
-//     0.0180), 4096x4096 0.0064 / 0.0070. Half the warps of MT = 1 pay where the weight is short of rows (one or two
-//     waves) and the memory is the nearer limit (H100), hence large weights only. At m = 3-8 MT = 2 measured slower
-//     (H200, 8192x28672 m = 8 0.0655 / 0.0775).
+//   - m > 8 (2 or 4 n-tiles), and m <= 2 on large weights (two_m_tiles: those reordered, below, and from 16 MiB on GPUs
+//     with fast memory for their SMs): MT = 2, so each activation register a warp loads serves two m-tiles. The
+//     activations, read by every warp from L1, were the largest share of the L1 traffic that limits the kernel (ncu,
+//     8192x28672, m = 32: L1 85% busy, issue 19%). m > 8: 183-254 registers, one CTA an SM; m <= 2: 128 registers and
+//     two CTAs an SM, the activations loaded a round ahead instead of an iteration. Measured, ms, MT = 1 / 2, m = 1
+//     (m = 2): H200 8192x28672 0.0458 / 0.0442 (0.0490 / 0.0436), 8192x8192 0.0172 / 0.0155, 4096x14336
+//     0.0168 / 0.0159, 4096x4096 0.0062 / 0.0063; H100 8192x28672 0.0496 / 0.0485 (0.0521 / 0.0474), 8192x8192
+//     0.0177 / 0.0183, 4096x14336 0.0173 / 0.0176 (0.0167 / 0.0180), 4096x4096 0.0064 / 0.0070. Half the warps of
+//     MT = 1 pay where the weight is short of rows (one or two waves) and the memory is the nearer limit (H100), hence
+//     the rule. At m = 3-8 MT = 2 measured slower (H200, 8192x28672 m = 8 0.0655 / 0.0775).
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
@@ -54,8 +54,8 @@
 // kernel runs, in launches of 32), TORCHLOWBIT_GEMM4BIT_WARPS (warps of a CTA: 4-8), TORCHLOWBIT_GEMM4BIT_WR
 // (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M, TORCHLOWBIT_GEMM4BIT_WS_MAX_M,
 // TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma kernels run), TORCHLOWBIT_GEMM4BIT_WGMMA_WG (the first one's
-// CTA size for up to 64 rows) and TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB (weights from which the activations are
-// reordered; 0: always).
+// CTA size for up to 64 rows), TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB (weights from which the activations are
+// reordered; 0: always) and TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB (weights from which m <= 2 takes two m-tiles).
 #include "gemm_4bit_device.h"
 #include "gemm_4bit_wgmma.h"
 #include "lowbit_quantize.h"
@@ -208,7 +208,8 @@ __global__ void __launch_bounds__(kGemvThreads, NT == 1 ? 2 : 1) gemv_4bit_kerne
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     arow[j] = FRAG ? static_cast<const T*>(p.A) + lane * 8
-                 : static_cast<const T*>(p.A) + int64_t(min(8 * j + g / S, p.m - 1)) * K + seg * kQuadElems + 2 * VEC * t;
+                   : static_cast<const T*>(p.A) + int64_t(min(8 * j + g / S, p.m - 1)) * K + seg * kQuadElems +
+                         2 * VEC * t;
   }
 
   for (int tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
@@ -507,8 +508,9 @@ constexpr int64_t gemv_smem_bytes() {
 }
 
 struct CtaShape {
-  int warps;  // warps of a CTA
-  int wr;     // of them along rows (the rest split K)
+  int warps;            // warps of a CTA
+  int wr;               // of them along rows (the rest split K)
+  int64_t sm_rows = 0;  // weight rows of the busiest SM: waves * CTAs an SM * rows a tile
 };
 
 // The CTA shape with the least modelled time: the kernel is bound by each SM's load pipe (ncu), so time goes with
@@ -525,8 +527,9 @@ CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& pe
     for (int wr = warps; wr >= 1; --wr) {
       if (warps % wr != 0 || (forced_wr() != 0 && wr != forced_wr())) continue;
       const int64_t tiles = ceil_div(N, warp_rows * wr), slots = per_sm[warps] * sms;
-      const double time = double(ceil_div(tiles, slots) * per_sm[warps] * wr) * (wr < warps ? 1.25 : 1.0);
-      if (time < best_time) best = {warps, wr}, best_time = time;
+      const int64_t sm_rows = ceil_div(tiles, slots) * per_sm[warps] * wr * warp_rows;
+      const double time = double(sm_rows) * (wr < warps ? 1.25 : 1.0);
+      if (time < best_time) best = {warps, wr, sm_rows}, best_time = time;
     }
   }
   TORCH_CHECK_VALUE(best_time < INFINITY, "environment variable TORCHLOWBIT_GEMM4BIT_WR (", num(forced_wr()),
@@ -534,27 +537,35 @@ CtaShape choose_shape(int64_t N, int64_t warp_rows, const std::array<int, 9>& pe
   return best;
 }
 
+// CTAs of w warps of the instantiation that fit on an SM, [w] for w = 4-8. Its shared-memory limit is raised first:
+// without that a kernel of more than 48 KB fits 0 CTAs.
+template <typename T, int NT, int MT, int VEC, int S, bool FRAG>
+std::array<int, 9> gemv_ctas_per_sm() {
+  raise_smem_limit<gemv_4bit_kernel<T, NT, MT, VEC, S, FRAG>>(gemv_smem_bytes<NT, MT>());  // the 64 KB table
+  return per_device([](int) {
+    std::array<int, 9> n{};
+    for (int w = 4; w <= 8; ++w) {
+      n[w] = ctas_per_sm<gemv_4bit_kernel<T, NT, MT, VEC, S, FRAG>>(32 * w, gemv_smem_bytes<NT, MT>());
+    }
+    return n;
+  });
+}
+
+template <typename T, int NT, int MT, int VEC, int S, bool FRAG>
+CtaShape gemv_shape(int64_t N) {
+  return choose_shape(N, MT * 16 / S, gemv_ctas_per_sm<T, NT, MT, VEC, S, FRAG>());
+}
+
 template <typename T, int NT, int MT, int VEC, int S, bool FRAG>
 void launch_gemv(GemvParams p) {
   auto kernel = gemv_4bit_kernel<T, NT, MT, VEC, S, FRAG>;
-  constexpr int64_t smem = gemv_smem_bytes<NT, MT>();
-  raise_smem_limit<gemv_4bit_kernel<T, NT, MT, VEC, S, FRAG>>(smem);  // the 64 KB table
-  static const std::array<int, 9> per_sm = [kernel] {  // CTAs of w warps that fit on an SM
-    std::array<int, 9> n{};
-    for (int w = 4; w <= 8; ++w) {
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n[w], kernel, 32 * w, smem));
-      n[w] = std::max(n[w], 1);
-    }
-    return n;
-  }();
-  constexpr int64_t warp_rows = MT * 16 / S;
-  const CtaShape shape = choose_shape(p.N, warp_rows, per_sm);
+  const CtaShape shape = gemv_shape<T, NT, MT, VEC, S, FRAG>(p.N);
   p.warps = shape.warps;
   p.wr = shape.wr;
-  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), warp_rows * p.wr));
-  const int64_t slots = int64_t(per_sm[p.warps]) * multiprocessor_count();
+  p.n_tiles = static_cast<int>(ceil_div(int64_t(p.N), int64_t(MT * 16 / S) * p.wr));
+  const int64_t slots = int64_t(gemv_ctas_per_sm<T, NT, MT, VEC, S, FRAG>()[p.warps]) * multiprocessor_count();
   const int grid = static_cast<int>(std::min<int64_t>(slots, p.n_tiles));
-  launch_kernel(kernel, grid, 32 * p.warps, smem, kOverlapsPrevious<NT>, p);
+  launch_kernel(kernel, grid, 32 * p.warps, gemv_smem_bytes<NT, MT>(), kOverlapsPrevious<NT>, p);
 }
 
 // The activations of a launch in the order the fused kernel's lanes read them (its FRAG instantiations): 16-byte
@@ -585,19 +596,51 @@ int reorder_min_mb() {
   return value;
 }
 
-// Large weights (reorder) also take two m-tiles a warp at m <= 2 (S >= 4): see the kernel's comment.
+// Peak memory bandwidth of the current device an SM, in GB/s (0 where the device does not report it).
+double memory_gbps_per_sm() {
+  const double khz = device_attribute<cudaDevAttrMemoryClockRate>();
+  const double bus_bits = device_attribute<cudaDevAttrGlobalMemoryBusWidth>();
+  return 2.0 * khz * 1e3 * bus_bits / 8.0 / 1e9 / multiprocessor_count();
+}
+
+// Tuning override: packed weights of at least this many MiB read as they are take two m-tiles a warp at m <= 2
+// (unset: two_m_tiles' rule).
+int forced_two_tiles_min_mb() {
+  static const int value = env_override("TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB", 0, INT_MAX, -1);
+  return value;
+}
+
+// Whether m <= 2 on an (N, K) weight read as it is takes two m-tiles a warp (see the kernel's comment; reordered
+// weights always do): from 16 MiB of packed weight where the memory is fast for its SMs (>= 30 GB/s an SM), unless
+// the taller tiles leave the busiest SM more rows. Measured, m = 1, ms, one / two m-tiles: H200 (36 GB/s an SM)
+// 8192x8192 0.0173 / 0.0155, 4096x14336 0.0168 / 0.0159, 14336x4096 0.0149 / 0.0134, 4096x4096 0.0063 / 0.0062,
+// 4096x11008 0.0133 / 0.0144 (2 waves of the taller tiles at 87% against 3 at 99%); H100 (25 GB/s an SM) 8192x8192
+// 0.0177 / 0.0183, 4096x14336 0.0173 / 0.0176, 4096x4096 0.0064 / 0.0070.
+template <typename T, int S>
+bool two_m_tiles(int64_t N, int64_t K) {
+  const int64_t bytes = N * K / 2;
+  if (forced_two_tiles_min_mb() >= 0) return bytes >= (int64_t(forced_two_tiles_min_mb()) << 20);
+  return bytes >= (int64_t(16) << 20) && memory_gbps_per_sm() >= 30.0 &&
+         gemv_shape<T, 1, 2, 8, S, false>(N).sm_rows <= gemv_shape<T, 1, 1, 8, S, false>(N).sm_rows;
+}
+
 template <typename T, int NT, int MT, int S>
 void launch_gemv_vec(GemvParams p, int vec, bool reorder, const at::TensorOptions& options) {
+  constexpr int kTwoMT = NT == 1 && S >= 4 ? 2 : MT;
   if (vec != 8) return launch_gemv<T, NT, MT, 4, S, false>(p);
-  if (!reorder) return launch_gemv<T, NT, MT, 8, S, false>(p);
-  constexpr int kLargeMT = NT == 1 && S >= 4 ? 2 : MT;
+  if (!reorder) {
+    if constexpr (kTwoMT != MT) {
+      if (two_m_tiles<T, S>(p.N, p.K)) return launch_gemv<T, NT, kTwoMT, 8, S, false>(p);
+    }
+    return launch_gemv<T, NT, MT, 8, S, false>(p);
+  }
   constexpr int64_t kRound = 64 * S;
   const int64_t chunks = int64_t(NT * 8 / S) * ceil_div(int64_t(p.K), kRound) * kRound / 8;
   const at::Tensor ordered = at::empty({chunks * 8}, options);
   launch_kernel(fragment_order_kernel, static_cast<unsigned>(ceil_div(chunks, int64_t(256))), 256, 0, true,
                 static_cast<const uint4*>(p.A), static_cast<uint4*>(ordered.data_ptr()), p.m, p.K, S, NT, chunks);
   p.A = ordered.data_ptr();
-  launch_gemv<T, NT, kLargeMT, 8, S, true>(p);
+  launch_gemv<T, NT, kTwoMT, 8, S, true>(p);
 }
 
 // The fused path for all rows of A2 (M, K) into out2 (M, N); false where it does not apply.

@@ -66,11 +66,11 @@ void launch_persistent_clusters(int cluster, int64_t work, unsigned block, size_
   config.attrs = &attribute;
   config.numAttrs = 1;
   raise_smem_limit<Kernel>(smem);
-  static const int fit = [&config] {
+  const int fit = per_device([&config](int) {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, Kernel, &config));
     return n > 0 ? n : 1;
-  }();
+  });
   config.gridDim = dim3(static_cast<unsigned>(cluster * std::clamp<int64_t>(work, 1, fit)));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, std::forward<Args>(args)...));
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -126,17 +127,35 @@ inline at::Tensor contiguous_aligned(const at::Tensor& A, int64_t alignment) {
 // The current CUDA stream (c10::cuda's, the same one at::cuda::getCurrentCUDAStream returns).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Attribute `Attr` of the current device, queried once per device (devices past 64 on every call).
+// compute(device) for the current device, computed once per device (devices past 64 on every call). Each lambda
+// type, so each call site of each template instantiation, has its own cache.
+template <typename F>
+inline auto per_device(F compute) {
+  using Value = decltype(compute(0));
+  static Value values[64] = {};
+  static std::once_flag once[64];
+  const int device = c10::cuda::current_device();
+  if (device >= 64) return compute(device);
+  std::call_once(once[device], [&] { values[device] = compute(device); });
+  return values[device];
+}
+
+// Attribute `Attr` of the current device.
 template <cudaDeviceAttr Attr>
 inline int device_attribute() {
-  static int values[64] = {};
-  static bool known[64] = {};
-  const int device = c10::cuda::current_device();
-  if (device < 64 && known[device]) return values[device];
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, device));
-  if (device < 64) values[device] = v, known[device] = true;
-  return v;
+  return per_device([](int device) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, device));
+    return v;
+  });
+}
+
+// CTAs of Kernel with `threads` threads and `smem` bytes of dynamic shared memory that fit on an SM (at least 1).
+template <auto Kernel>
+inline int ctas_per_sm(int threads, size_t smem) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, smem));
+  return n > 0 ? n : 1;
 }
 
 inline int multiprocessor_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
@@ -196,11 +215,7 @@ inline void raise_smem_limit(size_t smem) {
 // `smem`: the kernel's dynamic shared memory, the same at every launch of this Kernel.
 template <auto Kernel>
 inline int persistent_grid(int threads, int64_t work_ctas, int64_t smem = 0) {
-  static int per_sm = [threads, smem] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, static_cast<size_t>(smem)));
-    return n > 0 ? n : 1;
-  }();
+  const int per_sm = per_device([=](int) { return ctas_per_sm<Kernel>(threads, static_cast<size_t>(smem)); });
   const int64_t sms = multiprocessor_count();
   int64_t grid = per_sm * sms;
   if (work_ctas < grid) grid = work_ctas;

@@ -886,12 +886,7 @@ void run_in_tables(const OptimizerInfo& opt, const std::vector<Item>& items, con
 
 template <auto Kernel>
 int max_grid(int threads, size_t smem) {
-  static int per_sm = [threads, smem] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, smem));
-    return n > 0 ? n : 1;
-  }();
-  return per_sm * multiprocessor_count();
+  return per_device([=](int) { return ctas_per_sm<Kernel>(threads, smem); }) * multiprocessor_count();
 }
 
 constexpr int kMaxNormPartials = 1024;
@@ -951,14 +946,8 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
   }
   const size_t smem = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
   raise_smem_limit<update8_kernel<T, K>>(smem);
-  static int ctas_per_sm = 0;  // for this kernel's fixed configuration
-  if (ctas_per_sm == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, update8_kernel<T, K>, kThreads8, smem));
-    ctas_per_sm = n > 0 ? n : 1;
-  }
-  const int grid = static_cast<int>(
-      std::min<int64_t>(ceil_div(nblocks, kThreads8 / 32), int64_t(ctas_per_sm) * multiprocessor_count()));
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(nblocks, kThreads8 / 32),
+                                                      max_grid<update8_kernel<T, K>>(kThreads8, smem)));
   update8_kernel<T, K><<<grid, kThreads8, smem, stream>>>(tab, l, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

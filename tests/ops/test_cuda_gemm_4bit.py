@@ -9,6 +9,7 @@ runs the reference's float32 weights through cuBLAS.
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -159,10 +160,35 @@ def test_reordered_activations():
     _value_tests_in_child({"TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "0"}, select)
 
 
-@pytest.mark.parametrize("shape, reordered", [((8192, 8192), False), ((8192, 16384), True)])
-def test_activations_reordered_for_large_weights(shape, reordered):
-    # The default threshold is 64 MiB of packed weight: 8192x8192 (32 MiB) reads A as it is, 8192x16384 reordered.
-    # (The values of the reordered path are checked against float64 by test_reordered_activations.)
+def test_two_m_tiles_forced():
+    # m <= 2 takes two m-tiles a warp on large weights; forced for every weight (threshold 0 MiB), the value tests
+    # run in a child.
+    select = "matches_float64 or more_row_tiles or blocksizes or bias_dtypes or noncontiguous or large_and_split"
+    _value_tests_in_child({"TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB": "0"}, select)
+
+
+def _memory_gbps_per_sm() -> float:
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return 2 * p.memory_clock_rate * 1e3 * p.memory_bus_width / 8 / 1e9 / p.multi_processor_count
+
+
+@pytest.mark.parametrize(
+    "shape, reordered, two_if_fast",
+    [
+        ((4096, 4096), False, False),
+        ((8192, 8192), False, True),
+        ((11008, 4096), False, False),
+        ((8192, 16384), True, True),
+    ],
+)
+def test_kernel_choice_by_weight_size(shape, reordered, two_if_fast):
+    # Packed weights of 64 MiB and more have the fused kernel read its activations reordered by a first kernel and,
+    # at m = 1, take two m-tiles a warp. From 16 MiB it takes two m-tiles where the memory is fast for its SMs (the
+    # H200's 36 GB/s an SM, not the H100's 25) unless their taller tiles leave an SM more rows: 11008 rows make 3
+    # waves of the short tiles on 132 SMs, 2 of the tall ones. (The values of both paths are checked against float64
+    # by the tests run with the thresholds forced to 0.)
+    if not reordered and torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count != 132:
+        pytest.skip("the expected choices are those of a 132-SM GPU (H100, H200)")
     g = torch.Generator(device="cuda").manual_seed(5)
     packed = torch.randint(0, 256, (shape[0] * shape[1] // 2, 1), dtype=torch.uint8, device="cuda", generator=g)
     absmax = torch.rand(shape[0] * shape[1] // 64, device="cuda", generator=g) + 0.5
@@ -171,9 +197,11 @@ def test_activations_reordered_for_large_weights(shape, reordered):
         out = torch.ops.lowbit.gemm_4bit(A, packed, absmax, 64, "nf4", shape)
         torch.cuda.synchronize()
     assert out.shape == (1, shape[0]) and torch.isfinite(out).all()
-    names = [e.name for e in prof.events()]
-    assert any("gemv_4bit_kernel" in n for n in names), sorted(set(names))
-    assert any("fragment_order_kernel" in n for n in names) == reordered, sorted(set(names))
+    names = sorted({e.name for e in prof.events()})
+    m_tiles = [int(x) for n in names for x in re.findall(r"gemv_4bit_kernel<c10::BFloat16, 1, (\d+),", n)]
+    two = reordered or (two_if_fast and _memory_gbps_per_sm() >= 30)
+    assert m_tiles == [2 if two else 1], names
+    assert any("fragment_order_kernel" in n for n in names) == reordered, names
 
 
 _BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error's pattern)
@@ -184,6 +212,7 @@ _BAD_OVERRIDES = [  # (environment, rows of A that reach the override, the error
     ({"TORCHLOWBIT_GEMM4BIT_WGMMA_WG": "3", "TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES": "1"}, 64, r"must be 2 or 4"),
     ({"TORCHLOWBIT_GEMM4BIT_WS_MAX_M": "x"}, 200, r"GEMM4BIT_WS_MAX_M must be an integer"),
     ({"TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB": "-1"}, 1, r"GEMM4BIT_REORDER_MIN_MB must be an integer in \[0, "),
+    ({"TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB": "-2"}, 1, r"GEMM4BIT_TWO_TILES_MIN_MB must be an integer in \[0, "),
 ]
 
 
