@@ -10,16 +10,18 @@
 //     A warp takes MT m-tiles of 16 / S weight rows; with S > 1 the quads of a row read consecutive bytes, so
 //     the warp's loads of a row are contiguous (the MMA's columns that m leaves idle pay for it). Rows of A past
 //     m repeat row m - 1 and feed only outputs that are never stored; more than 32 rows run in launches of 32.
-//   - m > 8 (2 or 4 n-tiles), and m <= 2 on large weights (two_m_tiles: those reordered, below, and from 16 MiB on GPUs
+//   - m > 8 (2 or 4 n-tiles), and m <= 4 on large weights (two_m_tiles: those reordered, below, and from 16 MiB on GPUs
 //     with fast memory for their SMs): MT = 2, so each activation register a warp loads serves two m-tiles. The
 //     activations, read by every warp from L1, were the largest share of the L1 traffic that limits the kernel (ncu,
-//     8192x28672, m = 32: L1 85% busy, issue 19%). m > 8: 183-254 registers, one CTA an SM; m <= 2: 128 registers and
+//     8192x28672, m = 32: L1 85% busy, issue 19%). m > 8: 183-254 registers, one CTA an SM; m <= 4: 128 registers and
 //     two CTAs an SM, the activations loaded a round ahead instead of an iteration. Measured, ms, MT = 1 / 2, m = 1
 //     (m = 2): H200 8192x28672 0.0458 / 0.0442 (0.0490 / 0.0436), 8192x8192 0.0172 / 0.0155, 4096x14336
 //     0.0168 / 0.0159, 4096x4096 0.0062 / 0.0063; H100 8192x28672 0.0496 / 0.0485 (0.0521 / 0.0474), 8192x8192
 //     0.0177 / 0.0183, 4096x14336 0.0173 / 0.0176 (0.0167 / 0.0180), 4096x4096 0.0064 / 0.0070. Half the warps of
 //     MT = 1 pay where the weight is short of rows (one or two waves) and the memory is the nearer limit (H100), hence
-//     the rule. At m = 3-8 MT = 2 measured slower (H200, 8192x28672 m = 8 0.0655 / 0.0775).
+//     the rule. m = 3-4, MT = 1 / 2: H200 8192x8192 0.0187 / 0.0177, 14336x4096 0.0164 / 0.0155, 8192x28672 0.0531 /
+//     0.0526; H100 8192x28672 0.0556 / 0.0541, 28672x8192 0.0539 / 0.0511. At m = 5-8 MT = 2 measured slower (H200,
+//     8192x28672 m = 8 0.0655 / 0.0775).
 //   - The 16 code values, rounded to A's 16-bit type, make a byte table in shared memory: entry b holds
 //     code[b >> 4] | code[b & 15] << 16, so one lookup per packed byte gives an A-fragment register (two
 //     consecutive k). Entries are 256 bytes apart with lane l's copy at 4 * l (each lane its own bank), so one
@@ -36,7 +38,7 @@
 //     nested_blocksize] + offset, each operation rounded in float32 (no FMA contraction). Each lane of a quad
 //     decodes MT of the iteration's 4 MT (two rounds x 2 MT rows) and shuffles share them.
 //   - Iterations of two rounds are double-buffered in registers (weights, absmax, and with one m-tile of one n-tile
-//     the activations; two m-tiles (m <= 2 on large weights) load those a round ahead, more n-tiles a round at a
+//     the activations; two m-tiles (m <= 4 on large weights) load those a round ahead, more n-tiles a round at a
 //     time), two stages that alternate; full iterations run without predicates, and the rest of K (a multiple of
 //     4 VEC bytes) one predicated iteration at the end. A deeper ring (3, 4, 6 stages of weights and absmax,
 //     activations a round ahead) measured slower: H200, 8192x28672 m = 1 0.0506 / 0.0502 / 0.0592 ms against 0.0458
@@ -55,7 +57,7 @@
 // (of them along rows), TORCHLOWBIT_GEMM4BIT_WGMMA_MAX_M, TORCHLOWBIT_GEMM4BIT_WS_MAX_M,
 // TORCHLOWBIT_GEMM4BIT_WGMMA_MIN_TILES (when the wgmma kernels run), TORCHLOWBIT_GEMM4BIT_WGMMA_WG (the first one's
 // CTA size for up to 64 rows), TORCHLOWBIT_GEMM4BIT_REORDER_MIN_MB (weights from which the activations are
-// reordered; 0: always) and TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB (weights from which m <= 2 takes two m-tiles).
+// reordered; 0: always) and TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB (weights from which m <= 4 takes two m-tiles).
 #include "gemm_4bit_device.h"
 #include "gemm_4bit_wgmma.h"
 #include "lowbit_quantize.h"
@@ -603,14 +605,14 @@ double memory_gbps_per_sm() {
   return 2.0 * khz * 1e3 * bus_bits / 8.0 / 1e9 / multiprocessor_count();
 }
 
-// Tuning override: packed weights of at least this many MiB read as they are take two m-tiles a warp at m <= 2
+// Tuning override: packed weights of at least this many MiB read as they are take two m-tiles a warp at m <= 4
 // (unset: two_m_tiles' rule).
 int forced_two_tiles_min_mb() {
   static const int value = env_override("TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB", 0, INT_MAX, -1);
   return value;
 }
 
-// Whether m <= 2 on an (N, K) weight read as it is takes two m-tiles a warp (see the kernel's comment; reordered
+// Whether m <= 4 on an (N, K) weight read as it is takes two m-tiles a warp (see the kernel's comment; reordered
 // weights always do): from 16 MiB of packed weight where the memory is fast for its SMs (>= 30 GB/s an SM), unless
 // the taller tiles leave the busiest SM more rows. Measured, m = 1, ms, one / two m-tiles: H200 (36 GB/s an SM)
 // 8192x8192 0.0173 / 0.0155, 4096x14336 0.0168 / 0.0159, 14336x4096 0.0149 / 0.0134, 4096x4096 0.0063 / 0.0062,
@@ -626,7 +628,7 @@ bool two_m_tiles(int64_t N, int64_t K) {
 
 template <typename T, int NT, int MT, int S>
 void launch_gemv_vec(GemvParams p, int vec, bool reorder, const at::TensorOptions& options) {
-  constexpr int kTwoMT = NT == 1 && S >= 4 ? 2 : MT;
+  constexpr int kTwoMT = NT == 1 && S >= 2 ? 2 : MT;
   if (vec != 8) return launch_gemv<T, NT, MT, 4, S, false>(p);
   if (!reorder) {
     if constexpr (kTwoMT != MT) {

@@ -161,7 +161,7 @@ def test_reordered_activations():
 
 
 def test_two_m_tiles_forced():
-    # m <= 2 takes two m-tiles a warp on large weights; forced for every weight (threshold 0 MiB), the value tests
+    # m <= 4 takes two m-tiles a warp on large weights; forced for every weight (threshold 0 MiB), the value tests
     # run in a child.
     select = "matches_float64 or more_row_tiles or blocksizes or bias_dtypes or noncontiguous or large_and_split"
     _value_tests_in_child({"TORCHLOWBIT_GEMM4BIT_TWO_TILES_MIN_MB": "0"}, select)
