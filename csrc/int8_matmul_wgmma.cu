@@ -330,7 +330,7 @@ int min_rows() {
 // One tile a CTA at a time: with tiles for fewer than 40% of the SMs cuBLAS and the epilogue kernel are faster at
 // threshold 0 (H200, int8_mixed_linear, ms, kernel / cuBLAS: 4096x4096 m = 256, 32 tiles, 0.0317 / 0.0271; m = 512,
 // 64 tiles, 0.0327 / 0.0402; 4096x14336 m = 64 and 128, 56 tiles, 0.0332 / 0.0369 and 0.0348 / 0.0418).
-bool fills_gpu(int64_t tiles) { return 5 * tiles >= 2 * multiprocessor_count(); }
+bool covers_enough_sms(int64_t tiles) { return 5 * tiles >= 2 * multiprocessor_count(); }
 
 template <typename OutT>
 void launch(const CUtensorMap& a, const CUtensorMap& b, OutT* out, const EpilogueParams& e, int m_groups, int groups,
@@ -358,7 +358,7 @@ bool int8_matmul_wgmma(const at::Tensor& A, const at::Tensor& B, void* out, at::
   const int64_t rows = A.size(0), k = A.size(1), n = B.size(0);
   if (rows < min_rows() || k == 0 || k % 16 != 0 || rows >= INT_MAX || n >= INT_MAX || !sm90a_device()) return false;
   const int64_t m_tiles = ceil_div(rows, kBM), tiles = m_tiles * ceil_div(n, kBN);
-  if (tiles >= INT_MAX || !fills_gpu(tiles)) return false;
+  if (tiles >= INT_MAX || !covers_enough_sms(tiles)) return false;
   // Pairs along A's rows share B's tile (32 of a stage's 48 KB) where few of the pairs' tiles fall past A's rows.
   const bool pair_m = m_tiles % kCluster == 0 || m_tiles >= 8;
   const CUtensorMap a = int8_tile_map(A, pair_m ? kBM : kBM / kCluster);

@@ -884,11 +884,6 @@ void run_in_tables(const OptimizerInfo& opt, const std::vector<Item>& items, con
   });
 }
 
-template <auto Kernel>
-int max_grid(int threads, size_t smem) {
-  return per_device([=](int) { return ctas_per_sm<Kernel>(threads, smem); }) * multiprocessor_count();
-}
-
 constexpr int kMaxNormPartials = 1024;
 
 // Splits the launch's tensors into chunks of `chunk` units, one CTA each; returns the CTAs.
@@ -904,8 +899,8 @@ template <typename T, int K>
 void launch32(Tensors32<T> tab, Hyper h, const at::TensorOptions& options, cudaStream_t stream) {
   at::Tensor partials;
   if (h.flags & kClip) {  // a launch of one tensor; at most kMaxNormPartials CTAs
-    const int64_t ctas = std::min<int64_t>({ceil_div(tab.units, kThreads32),
-                                            max_grid<update32_kernel<T, K, true>>(kThreads32, 0), kMaxNormPartials});
+    const int64_t ctas = persistent_grid<update32_kernel<T, K, true>>(
+        kThreads32, std::min<int64_t>(ceil_div(tab.units, kThreads32), kMaxNormPartials));
     const int grid = split(tab, ceil_div(tab.units, ctas));
     partials = at::empty({2 * grid}, options.dtype(at::kDouble));
     update32_kernel<T, K, true><<<grid, kThreads32, 0, stream>>>(tab, h, partials.data_ptr<double>());
@@ -935,8 +930,8 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
   const int64_t nblocks = tab.units;
   at::Tensor partials;
   if (h.flags & kClip) {  // a launch of one tensor
-    const int grid = static_cast<int>(std::min<int64_t>(
-        {ceil_div(nblocks, kNormThreads8 / 32), max_grid<norm8_kernel<T, K>>(kNormThreads8, 0), kMaxNormPartials}));
+    const int grid = persistent_grid<norm8_kernel<T, K>>(
+        kNormThreads8, std::min<int64_t>(ceil_div(nblocks, kNormThreads8 / 32), kMaxNormPartials));
     partials = at::empty({2 * grid}, options.dtype(at::kDouble));
     l.partials = partials.data_ptr<double>();
     norm8_kernel<T, K><<<grid, kNormThreads8, 0, stream>>>(tab, l, h);
@@ -946,8 +941,7 @@ void launch8(const Tensors8<T>& tab, Launch8 l, Hyper h, const at::TensorOptions
   }
   const size_t smem = offsetof(Shared8, tab) + (has_state2(K) ? 2 : 1) * sizeof(CodeTable);
   raise_smem_limit<update8_kernel<T, K>>(smem);
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(nblocks, kThreads8 / 32),
-                                                      max_grid<update8_kernel<T, K>>(kThreads8, smem)));
+  const int grid = persistent_grid<update8_kernel<T, K>>(kThreads8, ceil_div(nblocks, kThreads8 / 32), smem);
   update8_kernel<T, K><<<grid, kThreads8, smem, stream>>>(tab, l, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
